@@ -1,0 +1,53 @@
+"""The Prometheus metrics, with the exact names fixed by the design document.
+
+One ``Metrics`` object owns one registry; it is created by whoever starts the runtime and
+passed explicitly (no module-level registry, so tests and several stores never collide).
+"""
+
+from __future__ import annotations
+
+from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
+from aioprometheus.renderer import render
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """Every collector magasin exports. Names are part of the product's contract."""
+
+    def __init__(self) -> None:
+        self.registry = Registry()
+        r = self.registry
+        self.event_store_operations_total = Counter(
+            "event_store_operations_total",
+            "Event store operations by operation and outcome.",
+            registry=r,
+        )
+        self.event_store_operation_duration_seconds = Histogram(
+            "event_store_operation_duration_seconds",
+            "Event store operation latency by operation.",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.event_store_event_count = Gauge(
+            "event_store_event_count", "Events stored (PostgreSQL's live-row estimate).", registry=r
+        )
+        self.event_store_size_bytes = Gauge(
+            "event_store_size_bytes", "Bytes used by the event store, indexes included.", registry=r
+        )
+        self.event_store_head_position = Gauge(
+            "event_store_head_position", "Highest global position handed out.", registry=r
+        )
+        self.event_store_oldest_transaction_age_seconds = Gauge(
+            "event_store_oldest_transaction_age_seconds",
+            "Age of the oldest open writing transaction in the cluster (holds tailing readers).",
+            registry=r,
+        )
+
+    def count_store_operation(self, operation: str, outcome: str, seconds: float) -> None:
+        self.event_store_operations_total.inc({"operation": operation, "outcome": outcome})
+        self.event_store_operation_duration_seconds.observe({"operation": operation}, seconds)
+
+    def render(self, accept: list[str] | None = None) -> tuple[bytes, dict[str, str]]:
+        body, headers = render(self.registry, accept or [])
+        return body, dict(headers)

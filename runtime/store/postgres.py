@@ -1,0 +1,511 @@
+"""The PostgreSQL event store (psycopg 3 async + psycopg_pool).
+
+This is the only module of the store that imports psycopg: driver errors are translated
+into ``runtime.errors`` here. The SQL it relies on lives in ``sql/`` and is applied by
+``migrate.py``.
+
+Connection failures: the pool does not ping connections on checkout (a round trip per
+operation); instead an operation that fails because its connection died is retried once on
+a fresh connection. Every operation is safe to retry: reads trivially, appends because a
+retried append is answered from the first result (same event ids).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import anyio
+import psycopg
+from loguru import logger
+from psycopg import errors as pg_errors
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from runtime.errors import (
+    ConcurrencyError,
+    ConfigurationError,
+    InvalidAppendError,
+    StoreError,
+    StoreUnavailableError,
+)
+from runtime.observability.metrics import Metrics
+from runtime.store.migrate import migrate
+from runtime.store.protocol import (
+    AppendResult,
+    Checkpoint,
+    EncodedEvent,
+    NewEvent,
+    RecordedEvent,
+    Snapshot,
+    StoreStatistics,
+    StreamId,
+    check_read_args,
+    decode_metadata,
+    prepare_append,
+)
+
+T = TypeVar("T")
+AsyncConn = psycopg.AsyncConnection[Any]
+
+_COLUMNS = """event_id, event_type, aggregate_type, aggregate_id, version, position,
+              tx_id::text AS tx_text, event_data::text, metadata::text, created_at"""
+
+# Rows are returned in (tx_id, position) order, and only those of transactions older than
+# every transaction still running: a transaction that is open now may still commit rows
+# with positions below ones already visible; reading below xmin waits for it instead of
+# skipping its rows. Nothing is ever skipped on a timer.
+_READ_ALL = f"""
+SELECT {_COLUMNS} FROM event_store
+ WHERE (tx_id, position) > (%s::text::xid8, %s)
+   AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+ ORDER BY tx_id, position
+ LIMIT %s"""
+
+_READ_STREAM = f"""
+SELECT {_COLUMNS} FROM event_store
+ WHERE aggregate_id = %s AND aggregate_type = %s AND version >= %s
+ ORDER BY version"""
+
+_APPEND = "SELECT * FROM event_store_append(%s, %s, %s, %s, %s, %s, %s::jsonb[], %s::jsonb[], %s)"
+
+_CONCURRENCY = "MG001"
+_WRONG_TYPE = "MG002"
+
+
+def describe_dsn(dsn: str) -> str:
+    """``host:port/dbname`` for messages, never the password."""
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<unparsable DSN>"
+    host = parts.get("host") or parts.get("hostaddr") or "localhost"
+    return f"{host}:{parts.get('port') or 5432}/{parts.get('dbname') or parts.get('user') or ''}"
+
+
+def _row_to_event(row: tuple[Any, ...]) -> RecordedEvent:
+    event_id, event_type, aggregate_type, aggregate_id, version, position = row[:6]
+    tx_text, data, metadata, created_at = row[6:]
+    return RecordedEvent(
+        event_id=event_id,
+        event_type=event_type,
+        aggregate_type=aggregate_type,
+        aggregate_id=aggregate_id,
+        version=version,
+        position=position,
+        tx_id=int(tx_text),
+        data=data.encode(),
+        metadata=decode_metadata(metadata),
+        created_at=created_at,
+    )
+
+
+class PostgresEventStore:
+    """An ``EventStore`` on PostgreSQL. Create with :meth:`connect`; close when done."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[AsyncConn],
+        dsn: str,
+        schema: str,
+        metrics: Metrics | None,
+        poll_interval: float,
+    ) -> None:
+        self._pool = pool
+        self._dsn = dsn
+        self._schema = schema
+        self._metrics = metrics
+        self._poll_interval = poll_interval
+        self.channel = f"event_store_{schema}"
+
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        schema: str = "public",
+        min_size: int = 2,
+        max_size: int = 16,
+        connect_timeout: float = 10.0,
+        statement_timeout_ms: int = 30_000,
+        idle_in_transaction_timeout_ms: int = 10_000,
+        poll_interval: float = 1.0,
+        metrics: Metrics | None = None,
+        run_migrations: bool = True,
+    ) -> PostgresEventStore:
+        """Open a pool on ``dsn``, migrate ``schema`` (unless told not to) and return a store.
+
+        The session settings bound every statement and every idle transaction: an open
+        transaction holds back every tailing reader, so none may linger.
+        """
+        conninfo = connection_string(
+            dsn,
+            schema=schema,
+            statement_timeout_ms=statement_timeout_ms,
+            idle_in_transaction_timeout_ms=idle_in_transaction_timeout_ms,
+        )
+        pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
+            conninfo,
+            min_size=min_size,
+            max_size=max_size,
+            kwargs={"autocommit": True},
+            open=False,
+            timeout=connect_timeout,
+            name=f"magasin-store-{schema}",
+        )
+        where = describe_dsn(dsn)
+        try:
+            await pool.open(wait=True, timeout=connect_timeout)
+        except PoolTimeout as exc:
+            await pool.close()
+            raise StoreUnavailableError(where, _first_connect_error(dsn, exc)) from exc
+        store = cls(pool, dsn, schema, metrics, poll_interval)
+        if run_migrations:
+            try:
+                async with pool.connection() as conn:
+                    await conn.set_autocommit(False)
+                    try:
+                        await migrate(conn, schema)
+                    finally:
+                        await conn.set_autocommit(True)
+            except BaseException:
+                await pool.close()
+                raise
+        logger.info("event store ready on {where}, schema {schema}", where=where, schema=schema)
+        return store
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    # --- helpers -----------------------------------------------------------------------
+
+    async def _run(self, operation: str, work: Callable[[AsyncConn], Awaitable[T]]) -> T:
+        """Run ``work`` on a pooled connection; retry once if the connection was dead."""
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            for attempt in (1, 2):
+                try:
+                    async with self._pool.connection() as conn:
+                        result = await work(conn)
+                except (psycopg.OperationalError, PoolTimeout) as exc:
+                    if attempt == 2 or isinstance(exc, pg_errors.QueryCanceled):
+                        raise StoreUnavailableError(describe_dsn(self._dsn), exc) from exc
+                    logger.warning(
+                        "event store connection lost during {op} ({exc}); retrying once",
+                        op=operation,
+                        exc=exc,
+                    )
+                    continue
+                outcome = "replayed" if getattr(result, "replayed", False) else "ok"
+                return result
+            raise AssertionError("unreachable")  # pragma: no cover
+        except ConcurrencyError:
+            outcome = "conflict"
+            raise
+        finally:
+            if self._metrics is not None:
+                self._metrics.count_store_operation(
+                    operation, outcome, time.perf_counter() - started
+                )
+
+    # --- writing -------------------------------------------------------------------------
+
+    async def append(
+        self, stream: StreamId, events: Sequence[NewEvent], expected_version: int
+    ) -> AppendResult:
+        encoded = prepare_append(stream, events, expected_version)
+
+        async def work(conn: AsyncConn) -> AppendResult:
+            return await self._append(conn, stream, encoded, expected_version)
+
+        return await self._run("append", work)
+
+    async def _append(
+        self, conn: AsyncConn, stream: StreamId, encoded: list[EncodedEvent], expected: int
+    ) -> AppendResult:
+        params = (
+            stream.aggregate_type,
+            stream.aggregate_id,
+            expected,
+            encoded[0].metadata.command_id,
+            [e.event_id for e in encoded],
+            [e.event_type for e in encoded],
+            [e.data.decode() for e in encoded],
+            [e.metadata_json.decode() for e in encoded],
+            self.channel,
+        )
+        try:
+            cur = await conn.execute(_APPEND, params)
+            rows = await cur.fetchall()
+        except pg_errors.UniqueViolation:
+            # A concurrent append won the race for this version (or wrote these very events).
+            return await self._after_lost_race(conn, stream, encoded, expected)
+        except psycopg.DatabaseError as exc:
+            raise _translate_append_error(exc, stream, expected) from exc
+        return _append_result(stream, encoded, rows)
+
+    async def _after_lost_race(
+        self, conn: AsyncConn, stream: StreamId, encoded: list[EncodedEvent], expected: int
+    ) -> AppendResult:
+        try:
+            # Re-running the function now sees the winner: a replay of the same command or
+            # events answers from it, anything else is a version conflict.
+            return await self._append(conn, stream, encoded, expected)
+        except pg_errors.UniqueViolation as exc:  # pragma: no cover - would need a 3rd writer
+            actual = await self.stream_version(stream)
+            raise ConcurrencyError(str(stream), expected, actual) from exc
+
+    # --- reading -------------------------------------------------------------------------
+
+    async def read_stream(self, stream: StreamId, from_version: int = 1) -> list[RecordedEvent]:
+        check_read_args(1, from_version)
+
+        async def work(conn: AsyncConn) -> list[RecordedEvent]:
+            cur = await conn.execute(
+                _READ_STREAM, (stream.aggregate_id, stream.aggregate_type, from_version)
+            )
+            return [_row_to_event(row) for row in await cur.fetchall()]
+
+        return await self._run("read_stream", work)
+
+    async def stream_version(self, stream: StreamId) -> int:
+        async def work(conn: AsyncConn) -> int:
+            cur = await conn.execute(
+                "SELECT coalesce(max(version), 0) FROM event_store"
+                " WHERE aggregate_id = %s AND aggregate_type = %s",
+                (stream.aggregate_id, stream.aggregate_type),
+            )
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._run("stream_version", work)
+
+    async def read_all(
+        self, after: Checkpoint = Checkpoint.START, limit: int = 500
+    ) -> list[RecordedEvent]:
+        check_read_args(limit)
+
+        async def work(conn: AsyncConn) -> list[RecordedEvent]:
+            cur = await conn.execute(_READ_ALL, (str(after.tx_id), after.position, limit))
+            return [_row_to_event(row) for row in await cur.fetchall()]
+
+        return await self._run("read_all", work)
+
+    async def subscribe(
+        self, after: Checkpoint = Checkpoint.START, batch_size: int = 500
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        checkpoint = after
+        async with self._listener() as wait_for_append:
+            while True:
+                batch = await self.read_all(checkpoint, batch_size)
+                if batch:
+                    checkpoint = batch[-1].checkpoint
+                    yield batch
+                    if len(batch) == batch_size:
+                        continue
+                await wait_for_append(self._poll_interval)
+
+    @asynccontextmanager
+    async def _listener(self) -> AsyncIterator[Callable[[float], Awaitable[None]]]:
+        """A dedicated autocommit connection LISTENing on the append channel.
+
+        ``wait(timeout)`` returns on a notification, on the timeout (the polling fallback),
+        or at once after a reconnection, so the caller catches up on what it missed.
+        """
+        listen = sql.SQL("LISTEN {}").format(sql.Identifier(self.channel))
+        conn: AsyncConn | None = None
+
+        async def connect() -> AsyncConn | None:
+            try:
+                new = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
+                await new.execute(listen)
+            except psycopg.OperationalError as exc:
+                logger.warning("LISTEN connection unavailable ({exc}); polling", exc=exc)
+                return None
+            return new
+
+        async def wait(poll_interval: float) -> None:
+            nonlocal conn
+            if conn is None or conn.closed:
+                conn = await connect()
+                if conn is not None:
+                    return  # reconnected: the caller catches up before waiting again
+                await anyio.sleep(poll_interval)
+                return
+            try:
+                async for _ in conn.notifies(timeout=poll_interval, stop_after=1):
+                    pass
+            except psycopg.OperationalError as exc:
+                logger.warning("LISTEN connection lost ({exc}); reconnecting", exc=exc)
+                await conn.close()
+                conn = None
+
+        conn = await connect()
+        try:
+            yield wait
+        finally:
+            if conn is not None:
+                await conn.close()
+
+    # --- snapshots -----------------------------------------------------------------------
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        async def work(conn: AsyncConn) -> None:
+            await conn.execute(
+                """INSERT INTO event_store_snapshots
+                       (aggregate_id, aggregate_type, version, state_schema, state, created_at)
+                   VALUES (%s, %s, %s, %s, %s::jsonb, %s)
+                   ON CONFLICT (aggregate_id) DO UPDATE
+                      SET aggregate_type = excluded.aggregate_type, version = excluded.version,
+                          state_schema = excluded.state_schema, state = excluded.state,
+                          created_at = excluded.created_at
+                    WHERE event_store_snapshots.version < excluded.version""",
+                (
+                    snapshot.stream.aggregate_id,
+                    snapshot.stream.aggregate_type,
+                    snapshot.version,
+                    snapshot.state_schema,
+                    snapshot.state.decode(),
+                    snapshot.created_at,
+                ),
+            )
+
+        await self._run("save_snapshot", work)
+
+    async def load_snapshot(self, stream: StreamId) -> Snapshot | None:
+        async def work(conn: AsyncConn) -> Snapshot | None:
+            cur = await conn.execute(
+                """SELECT version, state_schema, state::text, created_at
+                     FROM event_store_snapshots
+                    WHERE aggregate_id = %s AND aggregate_type = %s""",
+                (stream.aggregate_id, stream.aggregate_type),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            return Snapshot(stream, row[0], row[1], row[2].encode(), row[3])
+
+        return await self._run("load_snapshot", work)
+
+    # --- figures ---------------------------------------------------------------------------
+
+    async def statistics(self) -> StoreStatistics:
+        """Cheap figures: PostgreSQL's live-row count (lags commits by up to a few seconds),
+        the table's size with indexes, the position sequence and the oldest writer's age."""
+
+        async def work(conn: AsyncConn) -> StoreStatistics:
+            cur = await conn.execute(
+                """SELECT
+                     coalesce((SELECT n_live_tup FROM pg_stat_user_tables
+                                WHERE relid = 'event_store'::regclass), 0),
+                     pg_total_relation_size('event_store'::regclass),
+                     coalesce((SELECT CASE WHEN is_called THEN last_value ELSE 0 END
+                                 FROM event_store_position_seq), 0),
+                     coalesce((SELECT extract(epoch FROM now() - min(xact_start))::float8
+                                 FROM pg_stat_activity WHERE backend_xid IS NOT NULL), 0)"""
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return StoreStatistics(int(row[0]), int(row[1]), int(row[2]), float(row[3]))
+
+        stats = await self._run("statistics", work)
+        if self._metrics is not None:
+            self._metrics.event_store_event_count.set({}, stats.event_count)
+            self._metrics.event_store_size_bytes.set({}, stats.size_bytes)
+            self._metrics.event_store_head_position.set({}, stats.head_position)
+            self._metrics.event_store_oldest_transaction_age_seconds.set(
+                {}, stats.oldest_transaction_age_seconds
+            )
+        return stats
+
+    def __repr__(self) -> str:
+        return f"PostgresEventStore({describe_dsn(self._dsn)}, schema={self._schema!r})"
+
+
+def connection_string(
+    dsn: str,
+    *,
+    schema: str = "public",
+    statement_timeout_ms: int = 30_000,
+    idle_in_transaction_timeout_ms: int = 10_000,
+) -> str:
+    """``dsn`` with the session settings magasin needs; raises on a DSN that does not parse."""
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigurationError(
+            f"the database URL does not parse ({exc}); expected e.g. "
+            "postgresql://user@127.0.0.1:5432/dbname"
+        ) from exc
+    options = " ".join(
+        part
+        for part in (
+            str(parts.get("options") or ""),
+            f"-c search_path={schema}",
+            f"-c statement_timeout={statement_timeout_ms}",
+            f"-c idle_in_transaction_session_timeout={idle_in_transaction_timeout_ms}",
+        )
+        if part
+    )
+    parts["options"] = options
+    parts.setdefault("application_name", "magasin")
+    return make_conninfo(**{k: str(v) for k, v in parts.items()})
+
+
+def _first_connect_error(dsn: str, exc: BaseException) -> str:
+    """The pool only says it timed out; say why by trying once directly."""
+    import psycopg as _psycopg  # noqa: PLC0415 - the same module, named for clarity
+
+    try:
+        conn = _psycopg.connect(dsn, connect_timeout=3)
+    except _psycopg.OperationalError as direct:
+        return str(direct).strip().splitlines()[0]
+    conn.close()
+    return str(exc)
+
+
+def _append_result(
+    stream: StreamId, encoded: list[EncodedEvent], rows: list[tuple[Any, ...]]
+) -> AppendResult:
+    replayed = bool(rows[0][3])
+    if replayed:
+        owner = rows[0][2]
+        if owner != stream.aggregate_id or (
+            len(rows) != len(encoded) and encoded[0].metadata.command_id is None
+        ):
+            raise InvalidAppendError(
+                f"these events (or this command id) were already appended to stream "
+                f"{owner!r}, not {stream}; a retried append must resend the same events"
+            )
+    return AppendResult(
+        stream=stream,
+        first_version=rows[0][1],
+        last_version=rows[-1][1],
+        first_position=min(r[0] for r in rows),
+        last_position=max(r[0] for r in rows),
+        replayed=replayed,
+    )
+
+
+def _translate_append_error(
+    exc: psycopg.DatabaseError, stream: StreamId, expected: int
+) -> StoreError:
+    state = exc.sqlstate
+    detail = exc.diag.message_detail or ""
+    if state == _CONCURRENCY:
+        return ConcurrencyError(str(stream), expected, int(detail))
+    if state == _WRONG_TYPE:
+        return InvalidAppendError(
+            f"aggregate id {stream.aggregate_id!r} already belongs to a {detail!r} stream, "
+            f"not {stream.aggregate_type!r}"
+        )
+    if isinstance(exc, pg_errors.UndefinedFunction | pg_errors.UndefinedTable):
+        return StoreError(
+            f"the event store schema is missing ({exc.diag.message_primary}); "
+            "run `magasin db migrate`"
+        )
+    return StoreError(f"append to {stream} failed: {exc}")
