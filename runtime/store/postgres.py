@@ -5,9 +5,9 @@ into ``runtime.errors`` here. The SQL it relies on lives in ``sql/`` and is appl
 ``migrate.py``.
 
 Connection failures: the pool does not ping connections on checkout (a round trip per
-operation); instead an operation that fails because its connection died is retried once on
-a fresh connection. Every operation is safe to retry: reads trivially, appends because a
-retried append is answered from the first result (same event ids).
+operation); instead an operation that fails because its connection died makes the pool
+check its idle connections, and is retried once. Every operation is safe to retry: reads
+trivially, appends because a retried append is answered from the first result.
 """
 
 from __future__ import annotations
@@ -108,14 +108,17 @@ class PostgresEventStore:
 
     def __init__(
         self,
+        *,
         pool: AsyncConnectionPool[AsyncConn],
         dsn: str,
+        conninfo: str,
         schema: str,
         metrics: Metrics | None,
         poll_interval: float,
     ) -> None:
         self._pool = pool
         self._dsn = dsn
+        self._conninfo = conninfo
         self._schema = schema
         self._metrics = metrics
         self._poll_interval = poll_interval
@@ -162,7 +165,14 @@ class PostgresEventStore:
         except PoolTimeout as exc:
             await pool.close()
             raise StoreUnavailableError(where, _first_connect_error(dsn, exc)) from exc
-        store = cls(pool, dsn, schema, metrics, poll_interval)
+        store = cls(
+            pool=pool,
+            dsn=dsn,
+            conninfo=conninfo,
+            schema=schema,
+            metrics=metrics,
+            poll_interval=poll_interval,
+        )
         if run_migrations:
             try:
                 async with pool.connection() as conn:
@@ -195,10 +205,14 @@ class PostgresEventStore:
                     if attempt == 2 or isinstance(exc, pg_errors.QueryCanceled):
                         raise StoreUnavailableError(describe_dsn(self._dsn), exc) from exc
                     logger.warning(
-                        "event store connection lost during {op} ({exc}); retrying once",
+                        "event store connection lost during {op} ({exc}); checking the pool "
+                        "and retrying once",
                         op=operation,
                         exc=exc,
                     )
+                    # Backends are usually terminated together (restart, failover, admin):
+                    # drop every dead idle connection before the retry picks one.
+                    await self._pool.check()
                     continue
                 outcome = "replayed" if getattr(result, "replayed", False) else "ok"
                 return result
@@ -244,6 +258,8 @@ class PostgresEventStore:
         except pg_errors.UniqueViolation:
             # A concurrent append won the race for this version (or wrote these very events).
             return await self._after_lost_race(conn, stream, encoded, expected)
+        except psycopg.OperationalError:
+            raise  # a dead connection: _run retries on a fresh one
         except psycopg.DatabaseError as exc:
             raise _translate_append_error(exc, stream, expected) from exc
         return _append_result(stream, encoded, rows)
@@ -321,7 +337,7 @@ class PostgresEventStore:
 
         async def connect() -> AsyncConn | None:
             try:
-                new = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
+                new = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
                 await new.execute(listen)
             except psycopg.OperationalError as exc:
                 logger.warning("LISTEN connection unavailable ({exc}); polling", exc=exc)
