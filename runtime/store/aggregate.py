@@ -108,7 +108,16 @@ class AggregateRepository(Generic[C, E, S]):
         self, aggregate_id: str, command: C, metadata: Metadata | None = None
     ) -> Decision[E]:
         """Load, decide, append at the loaded version. Raises ``ConcurrencyError`` if the
-        stream moved on in between (the caller may reload and retry)."""
+        stream moved on in between (the caller may reload and retry).
+
+        A command whose ``metadata.command_id`` was already executed is answered from its
+        first result (no events, ``result.replayed``) without deciding again: deciding on
+        today's state could refuse what was accepted the first time.
+        """
+        if metadata is not None and metadata.command_id is not None:
+            first = await self.store.command_result(metadata.command_id)
+            if first is not None:
+                return Decision((), first)
         loaded = await self.load(aggregate_id)
         events = self.decider.decide(command, loaded.state)
         if not events:

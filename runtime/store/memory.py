@@ -111,6 +111,10 @@ class MemoryEventStore:
             )
         return _result(stream, sorted(found, key=lambda r: r.version), replayed=True)
 
+    async def command_result(self, command_id: UUID) -> AppendResult | None:
+        first = self._commands.get(command_id)
+        return None if first is None else msgspec.structs.replace(first, replayed=True)
+
     async def read_stream(self, stream: StreamId, from_version: int = 1) -> list[RecordedEvent]:
         check_read_args(1, from_version)
         history = self._streams.get(stream.aggregate_id, [])

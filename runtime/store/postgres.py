@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
+from uuid import UUID
 
 import anyio
 import psycopg
@@ -274,6 +275,30 @@ class PostgresEventStore:
         except pg_errors.UniqueViolation as exc:  # pragma: no cover - would need a 3rd writer
             actual = await self.stream_version(stream)
             raise ConcurrencyError(str(stream), expected, actual) from exc
+
+    async def command_result(self, command_id: UUID) -> AppendResult | None:
+        async def work(conn: AsyncConn) -> AppendResult | None:
+            cur = await conn.execute(
+                """SELECT e.position, e.version, e.aggregate_type, e.aggregate_id
+                     FROM event_store c
+                     JOIN event_store e ON e.aggregate_id = c.aggregate_id AND e.tx_id = c.tx_id
+                    WHERE c.command_id = %s
+                    ORDER BY e.version""",
+                (command_id,),
+            )
+            rows = await cur.fetchall()
+            if not rows:
+                return None
+            return AppendResult(
+                stream=StreamId(rows[0][2], rows[0][3]),
+                first_version=rows[0][1],
+                last_version=rows[-1][1],
+                first_position=min(r[0] for r in rows),
+                last_position=max(r[0] for r in rows),
+                replayed=True,
+            )
+
+        return await self._run("command_result", work)
 
     # --- reading -------------------------------------------------------------------------
 

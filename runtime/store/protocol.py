@@ -154,6 +154,11 @@ class EventStore(Protocol):
         """
         ...
 
+    async def command_result(self, command_id: UUID) -> AppendResult | None:
+        """The append a command id produced (flagged ``replayed``), or None if unknown:
+        lets a retried command be answered before it is decided again."""
+        ...
+
     async def read_stream(self, stream: StreamId, from_version: int = 1) -> list[RecordedEvent]:
         """The stream's events with ``version >= from_version``, in version order."""
         ...

@@ -174,6 +174,24 @@ class EventStoreContract:
         assert (again.first_version, again.first_position) == (1, first.first_position)
         assert len(await store.read_stream(stream)) == 2
 
+    async def test_a_command_id_finds_its_first_append(self, store: EventStore) -> None:
+        stream = ledger()
+        command_id = uuid.uuid4()
+        assert await store.command_result(command_id) is None
+        first = await store.append(
+            stream,
+            [new(Opened("a"), command_id=command_id), new(Deposited(2), command_id=command_id)],
+            0,
+        )
+        found = await store.command_result(command_id)
+        assert found is not None
+        assert found.replayed
+        assert (found.stream, found.first_version, found.last_version) == (stream, 1, 2)
+        assert (found.first_position, found.last_position) == (
+            first.first_position,
+            first.last_position,
+        )
+
     async def test_command_id_reused_on_another_stream_is_refused(self, store: EventStore) -> None:
         command_id = uuid.uuid4()
         await store.append(ledger(), [new(Opened("a"), command_id=command_id)], 0)

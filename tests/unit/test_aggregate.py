@@ -350,3 +350,19 @@ async def test_a_writer_that_slips_in_between_load_and_append_makes_execute_fail
     await repo.execute(ACCOUNT, Deposit(1))
     loaded = await repo.load(ACCOUNT)
     assert (loaded.state, loaded.version) == (Ledger("ana", 1, 4), 4)
+
+
+async def test_a_retried_command_is_not_decided_again_on_todays_state() -> None:
+    """Open twice with the same command id: the retry is answered from the first append,
+    although deciding Open again on the opened ledger would refuse it."""
+    store = MemoryEventStore()
+    repo = repository(store, snapshot_every=1)
+    meta = Metadata(command_id=uuid.uuid4())
+    first = await repo.execute(ACCOUNT, Open("ana"), meta)
+    again = await repo.execute(ACCOUNT, Open("ana"), meta)
+    assert first.result is not None
+    assert again.result is not None
+    assert again.result.replayed
+    assert list(again.events) == []
+    assert again.result.first_position == first.result.first_position
+    assert await store.stream_version(STREAM) == 1
