@@ -446,8 +446,9 @@ class PostgresEventStore:
                      pg_total_relation_size('event_store'::regclass),
                      coalesce((SELECT CASE WHEN is_called THEN last_value ELSE 0 END
                                  FROM event_store_position_seq), 0),
-                     coalesce((SELECT extract(epoch FROM now() - min(xact_start))::float8
-                                 FROM pg_stat_activity WHERE backend_xid IS NOT NULL), 0)"""
+                     greatest(0, coalesce((
+                         SELECT extract(epoch FROM clock_timestamp() - min(xact_start))::float8
+                           FROM pg_stat_activity WHERE backend_xid IS NOT NULL), 0))"""
             )
             row = await cur.fetchone()
             assert row is not None
