@@ -100,5 +100,23 @@ def run(topology: str) -> None:
     _run_async(go)
 
 
+@main.command("check")
+@click.argument("topology", type=click.Path(dir_okay=False), default="topology.yaml")
+def check(topology: str) -> None:
+    """Validate TOPOLOGY (handlers imported, nothing connected) and print its plan."""
+    from runtime.errors import TopologyError  # noqa: PLC0415
+    from runtime.topology import load_topology  # noqa: PLC0415
+
+    # handlers are dotted paths from where magasin runs, as with `python -m`
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        plan = load_topology(topology).plan_text()
+    except TopologyError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(plan)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -115,3 +115,140 @@ class UpcastError(EventDecodeError):
 
 class MigrationError(StoreError):
     """A schema migration failed; the database is left at the previous version."""
+
+
+# --- bus -----------------------------------------------------------------------------------
+
+
+class BusError(MagasinError):
+    """Base of the message bus errors."""
+
+
+class BusUnavailableError(BusError):
+    """The broker cannot be reached."""
+
+    def __init__(self, target: str, cause: BaseException | str) -> None:
+        self.target = target
+        self.cause = cause
+        super().__init__(
+            f"cannot reach the message broker at {target}: {cause}. Check that RabbitMQ is "
+            "running and that MAGASIN_AMQP_URL (host, port, vhost, user) is right."
+        )
+
+
+class UnroutableError(BusError):
+    """A mandatory message matched no queue: a binding is missing."""
+
+    def __init__(self, exchange: str, routing_key: str) -> None:
+        self.exchange = exchange
+        self.routing_key = routing_key
+        super().__init__(
+            f"message to exchange {exchange!r} with routing key {routing_key!r} reached no "
+            "queue; declare a queue bound to it (see `magasin check`)"
+        )
+
+
+class PublishNotConfirmedError(BusError):
+    """The broker refused (nacked) or never confirmed a publish."""
+
+
+class UnknownQueueError(BusError):
+    """A queue the request names does not exist."""
+
+
+# --- actors and supervision ---------------------------------------------------------------
+
+
+class ActorError(MagasinError):
+    """Base of the errors about actors and their supervision."""
+
+
+class Retry(ActorError):
+    """Raised by a handler: handle this message again later (after ``delay`` seconds at
+    least, rounded up to a rung of the retry ladder). Counts as an attempt."""
+
+    def __init__(self, reason: str = "retry requested", delay: float | None = None) -> None:
+        self.delay = delay
+        super().__init__(reason)
+
+
+class Reject(ActorError):
+    """Raised by a handler: this message can never succeed; send it to the DLQ now."""
+
+
+class MessageDecodeError(ActorError):
+    """A message body that is not what the handler expects; it goes straight to the DLQ."""
+
+    def __init__(self, message_id: str, body: bytes, cause: BaseException | str) -> None:
+        self.message_id = message_id
+        self.body = body
+        self.cause = cause
+        super().__init__(f"cannot decode message {message_id}: {cause}")
+
+
+class HandlerTimeoutError(ActorError):
+    """A handler overran its ``handler_timeout``; the actor is restarted."""
+
+    def __init__(self, actor: str, timeout: float) -> None:
+        self.actor = actor
+        self.timeout = timeout
+        super().__init__(
+            f"actor {actor!r}: handler ran longer than handler_timeout={timeout}s; raise the "
+            "timeout in the topology's retry section if the work is legitimately slow"
+        )
+
+
+class InjectedCrash(ActorError):
+    """A crash asked for by a chaos drill (``POST /actors/{name}/crash``)."""
+
+
+class EscalationError(ActorError):
+    """An actor restarted more than ``max_restarts`` times within ``window``."""
+
+    def __init__(self, actor: str, restarts: int, window: float, last_error: str | None) -> None:
+        self.actor = actor
+        self.restarts = restarts
+        self.window = window
+        self.last_error = last_error
+        super().__init__(
+            f"actor {actor!r} restarted {restarts} times within {window:g}s (last error: "
+            f"{last_error}); restarting is not helping, so the runtime stops. Fix the cause, "
+            "or raise restart.max_restarts / restart.window in the topology"
+        )
+
+
+class UnknownActorError(ActorError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        super().__init__(f"no actor named {name!r}; running actors: {', '.join(known)}")
+
+
+class UnknownExchangeError(BusError):
+    """A publish or a binding names an exchange that was never declared."""
+
+    def __init__(self, exchange: str) -> None:
+        self.exchange = exchange
+        super().__init__(
+            f"exchange {exchange!r} does not exist; declare it in the bus plan (see `magasin "
+            "check`)"
+        )
+
+
+# --- topology ------------------------------------------------------------------------------
+
+
+class TopologyError(ConfigurationError):
+    """The topology file is invalid. ``path`` names the YAML key (``actors.audit.bind``),
+    ``source`` the file and ``line`` its line when known; ``reason`` is the plain sentence."""
+
+    def __init__(
+        self, reason: str, *, path: str = "", source: str | None = None, line: int | None = None
+    ) -> None:
+        self.reason = reason
+        self.path = path
+        self.source = source
+        self.line = line
+        where = source or ""
+        if line is not None:
+            where = f"{where}:{line}" if where else f"line {line}"
+        super().__init__(": ".join(part for part in (where, path, reason) if part))

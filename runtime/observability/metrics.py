@@ -44,6 +44,44 @@ class Metrics:
             registry=r,
         )
 
+        # --- actors (labelled by actor and queue) ---
+        self.events_consumed_total = Counter(
+            "events_consumed_total",
+            "Messages handled by actors, by actor, queue and outcome.",
+            registry=r,
+        )
+        self.event_consumption_duration_seconds = Histogram(
+            "event_consumption_duration_seconds",
+            "Time from a message reaching a worker to its settlement.",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.actor_restarts_total = Counter(
+            "magasin_actor_restarts_total", "Actor restarts by actor.", registry=r
+        )
+        self.actor_up = Gauge(
+            "magasin_actor_up",
+            "1 for the state each actor is in (running, restarting, failed, ...).",
+            registry=r,
+        )
+        self.mailbox_depth = Gauge(
+            "magasin_mailbox_depth", "Messages waiting in an actor's mailboxes.", registry=r
+        )
+        self.in_flight = Gauge(
+            "magasin_in_flight", "Messages an actor is handling right now.", registry=r
+        )
+        self.message_retries_total = Counter(
+            "magasin_message_retries_total", "Messages sent to the retry ladder.", registry=r
+        )
+        self.dead_letters_total = Counter(
+            "magasin_dead_letters_total",
+            "Messages sent to a dead-letter queue, by reason.",
+            registry=r,
+        )
+        self.runtime_ready = Gauge(
+            "magasin_runtime_ready", "1 when every actor consumes, else 0.", registry=r
+        )
+
     def count_store_operation(self, operation: str, outcome: str, seconds: float) -> None:
         self.event_store_operations_total.inc({"operation": operation, "outcome": outcome})
         self.event_store_operation_duration_seconds.observe({"operation": operation}, seconds)

@@ -1,0 +1,330 @@
+"""One actor instance: queues → bounded mailboxes → workers → handler → settle.
+
+The per-message path is a few named steps: route to a mailbox by ordering key, decode and
+handle under a timeout, then settle (ack, retry rung, or dead letter). A delivery is acked
+only after the handler returned, i.e. after its effect is committed.
+
+What counts as what:
+- the handler returns → ack;
+- ``Retry`` → the retry ladder; ``Reject`` or a message that cannot be decoded → the DLQ;
+- any other exception → the retry ladder, and the DLQ after ``max_attempts``: a bad
+  message is the message's failure, not the actor's;
+- the store or the broker unavailable → the message is requeued and the actor crashes
+  (restart with backoff; messages wait in RabbitMQ meanwhile);
+- the handler overrunning ``handler_timeout`` → the message takes a retry rung and the
+  actor crashes, since a stuck handler's state cannot be trusted.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from loguru import logger
+
+from runtime.bus.protocol import Bus, Delivery
+from runtime.errors import (
+    BusError,
+    HandlerTimeoutError,
+    MessageDecodeError,
+    Reject,
+    Retry,
+    StoreUnavailableError,
+)
+from runtime.hooks import Hooks, Outcome
+from runtime.observability.metrics import Metrics
+from runtime.store.protocol import EventStore
+
+if TYPE_CHECKING:
+    from runtime.topology import ActorSpec, Topology
+
+T = TypeVar("T")
+
+#: Errors that mean "the infrastructure is down", not "this message is bad".
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (StoreUnavailableError, BusError)
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    MessageDecodeError,
+    msgspec.DecodeError,
+    msgspec.ValidationError,
+)
+
+
+def decode_body(delivery: Delivery, type_: type[T]) -> T:
+    """The delivery's JSON body as ``type_``; a ``MessageDecodeError`` (→ DLQ) otherwise."""
+    try:
+        return msgspec.json.decode(delivery.body, type=type_)
+    except msgspec.DecodeError as exc:
+        raise MessageDecodeError(delivery.message_id, delivery.body, exc) from exc
+
+
+class SupervisorHandle(Protocol):
+    """What built-in actors (the HTTP gateway) may ask of the supervisor."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def live(self) -> bool: ...
+
+    def statistics(self) -> list[ActorStatistics]: ...
+
+    def crash(self, name: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ActorContext:
+    """Everything a handler is given: its spec and the runtime's shared resources."""
+
+    name: str
+    spec: ActorSpec
+    topology: Topology
+    store: EventStore
+    bus: Bus
+    metrics: Metrics
+    supervisor: SupervisorHandle
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.spec.options)
+
+
+@runtime_checkable
+class MessageHandler(Protocol):
+    """A queue-consuming actor's code. Constructed with its ``ActorContext`` at each start;
+    if it is an async context manager it is entered for the life of the instance."""
+
+    async def handle(self, delivery: Delivery) -> None: ...
+
+
+@runtime_checkable
+class Service(Protocol):
+    """A non-consuming actor (HTTP gateway, relay): runs until cancelled or drained."""
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None: ...
+
+
+class ActorStatistics(msgspec.Struct, frozen=True):
+    name: str
+    kind: str
+    state: str
+    restarts: int
+    last_error: str | None
+    mailbox_depth: int
+    in_flight: int
+    consumers: int
+    handled: int
+    failed: int
+    queues: tuple[str, ...] = ()
+
+
+@dataclass
+class InstanceFigures:
+    mailbox_depth: int = 0
+    in_flight: int = 0
+    handled: int = 0
+    failed: int = 0
+    consumers: int = 0
+
+
+class ActorInstance(Protocol):
+    async def run(self, *, task_status: TaskStatus[None]) -> None: ...
+
+    def drain(self) -> None: ...
+
+    def figures(self) -> InstanceFigures: ...
+
+
+def mailbox_index(key: str, workers: int) -> int:
+    """Stable routing of an ordering key to a worker (the same on every process)."""
+    return zlib.crc32(key.encode()) % workers
+
+
+@dataclass
+class QueueActor:
+    """Consumes the actor's queues with ``consumers`` workers, one mailbox each."""
+
+    context: ActorContext
+    handler: MessageHandler
+    hooks: Hooks
+    grace_period: float = 10.0
+    _draining: anyio.Event = field(default_factory=anyio.Event)
+    _in_flight: int = 0
+    _handled: int = 0
+    _failed: int = 0
+    _receivers: list[MemoryObjectReceiveStream[Delivery]] = field(default_factory=list)
+
+    def drain(self) -> None:
+        self._draining.set()
+
+    def figures(self) -> InstanceFigures:
+        depth = sum(r.statistics().current_buffer_used for r in self._receivers)
+        return InstanceFigures(
+            depth, self._in_flight, self._handled, self._failed, len(self._receivers)
+        )
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None:
+        spec = self.context.spec
+        bus = self.context.bus
+        async with AsyncExitStack() as stack:
+            if hasattr(self.handler, "__aenter__"):
+                await stack.enter_async_context(self.handler)  # type: ignore[arg-type]
+            sources = [
+                await stack.enter_async_context(bus.consume(queue, spec.prefetch))
+                for queue in spec.queue_names
+            ]
+            senders: list[MemoryObjectSendStream[Delivery]] = []
+            for _ in range(spec.consumers):
+                send, receive = anyio.create_memory_object_stream[Delivery](spec.prefetch)
+                senders.append(send)
+                self._receivers.append(receive)
+            async with anyio.create_task_group() as workers:
+                for receive in self._receivers:
+                    workers.start_soon(self._worker, receive)
+                async with anyio.create_task_group() as pumps:
+                    for source in sources:
+                        pumps.start_soon(self._pump, source, senders)
+                    task_status.started()
+                    await self._draining.wait()
+                    pumps.cancel_scope.cancel()  # stop taking deliveries; keep the channels
+                for send in senders:
+                    send.close()  # workers finish what they hold, requeue the rest, then end
+                workers.cancel_scope.deadline = anyio.current_time() + self.grace_period
+            if workers.cancel_scope.cancelled_caught:
+                logger.warning(
+                    "actor {actor}: grace period over; unsettled messages go back to the queue",
+                    actor=self.context.name,
+                )
+
+    async def _pump(
+        self, source: AsyncIterator[Delivery], senders: list[MemoryObjectSendStream[Delivery]]
+    ) -> None:
+        async for delivery in source:
+            await senders[mailbox_index(delivery.ordering_key, len(senders))].send(delivery)
+        # The source only ends if the consumer was cancelled under us (queue deleted, ...).
+        raise BusError(f"the consumer of actor {self.context.name!r} was cancelled")
+
+    async def _worker(self, receive: MemoryObjectReceiveStream[Delivery]) -> None:
+        async with receive:
+            async for delivery in receive:
+                if self._draining.is_set():
+                    await self.context.bus.nack(delivery, requeue=True)
+                    continue
+                await self._process(delivery)
+
+    async def _process(self, delivery: Delivery) -> None:
+        ctx = self.context
+        self._in_flight += 1
+        self.hooks.before_handle(ctx.name, delivery)
+        started = time.perf_counter()
+        outcome: Outcome = "ack"
+        error: BaseException | None = None
+        try:
+            with logger.contextualize(
+                actor=ctx.name,
+                message_id=delivery.message_id,
+                correlation_id=delivery.headers.get("x-correlation-id"),
+            ):
+                outcome, error = await self._handle(delivery)
+        finally:
+            self._in_flight -= 1
+            if outcome == "ack":
+                self._handled += 1
+            else:
+                self._failed += 1
+            self.hooks.after_handle(
+                ctx.name, delivery, outcome, time.perf_counter() - started, error
+            )
+
+    async def _handle(self, delivery: Delivery) -> tuple[Outcome, BaseException | None]:
+        ctx = self.context
+        bus = ctx.bus
+        retry = ctx.spec.retry
+        try:
+            with anyio.fail_after(retry.handler_timeout):
+                await self.handler.handle(delivery)
+        except Reject as exc:
+            await bus.dead_letter(delivery, error=exc, actor=ctx.name)
+            return "dead_letter", exc
+        except DECODE_ERRORS as exc:
+            await bus.dead_letter(delivery, error=exc, actor=ctx.name)
+            return "dead_letter", exc
+        except INFRASTRUCTURE_ERRORS:
+            await _nack_quietly(bus, delivery)
+            raise
+        except TimeoutError as exc:
+            timeout = HandlerTimeoutError(ctx.name, retry.handler_timeout)
+            timeout.__cause__ = exc
+            await self._retry_or_dead_letter(delivery, timeout)
+            raise timeout from exc
+        except Exception as exc:  # noqa: BLE001 - any handler failure is the message's
+            return await self._retry_or_dead_letter(delivery, exc), exc
+        await bus.ack(delivery)
+        return "ack", None
+
+    async def _retry_or_dead_letter(self, delivery: Delivery, error: BaseException) -> Outcome:
+        ctx = self.context
+        policy = ctx.spec.retry
+        attempts = delivery.attempts + 1
+        if attempts >= policy.max_attempts:
+            await ctx.bus.dead_letter(delivery, error=error, actor=ctx.name)
+            return "dead_letter"
+        rung = min(attempts, len(policy.delays))
+        if isinstance(error, Retry) and error.delay is not None:
+            # The smallest rung that waits at least as long as asked (the last one at most).
+            longer = [i for i, d in enumerate(policy.delays, start=1) if d >= error.delay]
+            rung = longer[0] if longer else len(policy.delays)
+        await ctx.bus.retry(delivery, rung=rung, error=error, actor=ctx.name)
+        return "retry"
+
+
+async def _nack_quietly(bus: Bus, delivery: Delivery) -> None:
+    try:
+        await bus.nack(delivery, requeue=True)
+    except BusError as exc:
+        logger.warning(
+            "could not requeue {id} ({exc}); the broker will redeliver it",
+            id=delivery.message_id,
+            exc=exc,
+        )
+
+
+@dataclass
+class ServiceActor:
+    """Runs a ``Service``; draining asks it to stop if it can, else cancels it."""
+
+    context: ActorContext
+    service: Service
+    grace_period: float = 10.0
+    _scope: anyio.CancelScope | None = None
+
+    def drain(self) -> None:
+        stop: Callable[[], object] | None = getattr(self.service, "drain", None)
+        if stop is not None:
+            stop()
+        elif self._scope is not None:
+            self._scope.cancel()
+
+    def figures(self) -> InstanceFigures:
+        return InstanceFigures()
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None:
+        async with AsyncExitStack() as stack:
+            if hasattr(self.service, "__aenter__"):
+                await stack.enter_async_context(self.service)  # type: ignore[arg-type]
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                async with anyio.create_task_group() as tg:
+                    await tg.start(_start_service, self.service)
+                    task_status.started()
+
+
+async def _start_service(service: Service, *, task_status: TaskStatus[None]) -> None:
+    await service.run(task_status=task_status)

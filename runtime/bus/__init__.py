@@ -1,0 +1,1 @@
+"""The message bus: one protocol, a RabbitMQ and an in-process implementation."""

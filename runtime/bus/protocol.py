@@ -1,0 +1,161 @@
+"""The bus protocol both buses implement (tests/contracts/bus.py is its definition).
+
+Verbs: declare, publish, consume, ack, nack, retry, dead_letter; plus the dead-letter
+administration the CLI uses. Nothing above an adapter imports aio-pika.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import msgspec
+
+HeaderValue = str | int | float | bool | None
+Headers = Mapping[str, HeaderValue]
+
+# Headers the runtime writes when a message fails (PITFALLS: the broker's own x-death is
+# only there for the TTL hop and the delivery-limit backstop).
+X_ATTEMPTS = "x-attempts"  # how many times handling was attempted (1 after the first failure)
+X_FIRST_FAILED_AT = "x-first-failed-at"  # ISO-8601 UTC of the first failure
+X_ERROR = "x-error"  # the last error's message
+X_ERROR_TYPE = "x-error-type"  # the last error's class name
+X_ACTOR = "x-actor"  # the actor that failed it
+X_ORIGINAL_EXCHANGE = "x-original-exchange"  # where the message was first published
+X_ORIGINAL_ROUTING_KEY = "x-original-routing-key"
+X_ORDERING_KEY = "x-ordering-key"  # mailbox routing (aggregate id); falls back to message id
+
+
+class ExchangeSpec(msgspec.Struct, frozen=True):
+    name: str
+    type: Literal["topic", "direct", "fanout"] = "topic"
+
+
+class Binding(msgspec.Struct, frozen=True):
+    exchange: str
+    routing_key: str
+
+
+class QueueSpec(msgspec.Struct, frozen=True):
+    """A work queue with its retry ladder (one TTL queue per delay) and its DLQ."""
+
+    name: str
+    bindings: tuple[Binding, ...] = ()
+    retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0)  # seconds, one retry queue each
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    delivery_limit: int = 20  # broker backstop for messages that kill the consumer
+
+
+class BusPlan(msgspec.Struct, frozen=True):
+    exchanges: tuple[ExchangeSpec, ...] = ()
+    queues: tuple[QueueSpec, ...] = ()
+
+
+class Delivery(msgspec.Struct, frozen=True):
+    """One message handed to a consumer; settle it exactly once via the bus."""
+
+    queue: str
+    message_id: str
+    body: bytes
+    headers: dict[str, HeaderValue]
+    exchange: str
+    routing_key: str
+    redelivered: bool
+    delivery_tag: int  # opaque to the runtime; meaningful only to the bus that made it
+    consumer: int = 0  # which consume() context the delivery belongs to (opaque)
+
+    @property
+    def attempts(self) -> int:
+        """Failed attempts so far, from ``x-attempts`` (0 on a first delivery)."""
+        value = self.headers.get(X_ATTEMPTS, 0)
+        return int(value) if isinstance(value, int | float | str) and str(value).isdigit() else 0
+
+    @property
+    def ordering_key(self) -> str:
+        key = self.headers.get(X_ORDERING_KEY)
+        return str(key) if key else self.message_id
+
+
+class DeadLetter(msgspec.Struct, frozen=True):
+    """A message parked in ``<queue>.dlq``, as the CLI lists it."""
+
+    message_id: str
+    headers: dict[str, HeaderValue]
+    body: bytes
+    error: str
+    error_type: str
+    attempts: int
+
+
+@runtime_checkable
+class Bus(Protocol):
+    @property
+    def connected(self) -> bool:
+        """True while the bus has a live connection (readiness)."""
+        ...
+
+    async def declare(self, plan: BusPlan) -> None:
+        """Idempotently declare exchanges, work/retry/dead-letter queues and bindings."""
+        ...
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Headers | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish persistently and return once the broker confirmed it. An unroutable
+        ``mandatory`` message raises ``UnroutableError``."""
+        ...
+
+    def consume(
+        self, queue: str, prefetch: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
+        """Deliveries of ``queue``, at most ``prefetch`` unsettled at once. Leaving the
+        context cancels the consumer; its unsettled deliveries go back to the queue."""
+        ...
+
+    async def ack(self, delivery: Delivery) -> None: ...
+
+    async def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
+        """Give the delivery back (``requeue``) or drop it to the queue's dead-letter exchange."""
+        ...
+
+    async def retry(
+        self, delivery: Delivery, *, rung: int, error: BaseException, actor: str
+    ) -> None:
+        """Park the message in retry queue ``rung`` (its TTL sends it back to the work
+        queue), with ``x-attempts`` + 1 and the error headers; then ack the delivery."""
+        ...
+
+    async def dead_letter(self, delivery: Delivery, *, error: BaseException, actor: str) -> None:
+        """Publish the message to ``<queue>.dlq`` with the error headers; then ack it."""
+        ...
+
+    async def list_dead_letters(self, queue: str, limit: int = 100) -> Sequence[DeadLetter]: ...
+
+    async def replay_dead_letters(self, queue: str, message_id: str | None = None) -> int:
+        """Move one (by id) or all dead letters of ``queue`` back to it; returns how many."""
+        ...
+
+    async def purge_dead_letters(self, queue: str) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+def header_dict(headers: Mapping[str, Any] | None) -> dict[str, HeaderValue]:
+    """Headers as plain JSON-able values (bytes decoded, nested tables stringified)."""
+    result: dict[str, HeaderValue] = {}
+    for key, value in (headers or {}).items():
+        if isinstance(value, bytes):
+            result[key] = value.decode("utf-8", "replace")
+        elif value is None or isinstance(value, str | int | float | bool):
+            result[key] = value
+        else:
+            result[key] = str(value)
+    return result
