@@ -183,8 +183,8 @@ class QueueActor:
             senders: list[MemoryObjectSendStream[Delivery]] = []
             for _ in range(spec.consumers):
                 send, receive = anyio.create_memory_object_stream[Delivery](spec.prefetch)
-                senders.append(send)
-                self._receivers.append(receive)
+                senders.append(stack.enter_context(send))  # closed on every way out
+                self._receivers.append(stack.enter_context(receive))
             async with anyio.create_task_group() as workers:
                 for receive in self._receivers:
                     workers.start_soon(self._worker, receive)
@@ -195,7 +195,7 @@ class QueueActor:
                     await self._draining.wait()
                     pumps.cancel_scope.cancel()  # stop taking deliveries; keep the channels
                 for send in senders:
-                    send.close()  # workers finish what they hold, requeue the rest, then end
+                    send.close()  # workers finish their mailboxes, then end
                 workers.cancel_scope.deadline = anyio.current_time() + self.grace_period
             if workers.cancel_scope.cancelled_caught:
                 logger.warning(
@@ -212,11 +212,11 @@ class QueueActor:
         raise BusError(f"the consumer of actor {self.context.name!r} was cancelled")
 
     async def _worker(self, receive: MemoryObjectReceiveStream[Delivery]) -> None:
+        # On drain the mailbox is finished, not handed back: it holds at most ``prefetch``
+        # messages, and requeueing them would let later messages of the same key overtake
+        # them. What the grace period cannot finish goes back when the channel closes.
         async with receive:
             async for delivery in receive:
-                if self._draining.is_set():
-                    await self.context.bus.nack(delivery, requeue=True)
-                    continue
                 await self._process(delivery)
 
     async def _process(self, delivery: Delivery) -> None:
@@ -306,11 +306,15 @@ class ServiceActor:
     _scope: anyio.CancelScope | None = None
 
     def drain(self) -> None:
+        """Ask the service to finish; cancel it if it has not within the grace period."""
         stop: Callable[[], object] | None = getattr(self.service, "drain", None)
         if stop is not None:
             stop()
-        elif self._scope is not None:
-            self._scope.cancel()
+        if self._scope is not None:
+            self._scope.deadline = min(
+                self._scope.deadline,
+                anyio.current_time() + (self.grace_period if stop is not None else 0),
+            )
 
     def figures(self) -> InstanceFigures:
         return InstanceFigures()

@@ -56,13 +56,16 @@ async def serve(path: Path, topology: Topology | None = None) -> int:
         bus = await open_bus(topology.amqp_url, stack)
         await bus.declare(topology.bus_plan())
         supervisor = Supervisor(topology, store=store, bus=bus, metrics=metrics)
+        escalated: list[BaseException] = []
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_signals, supervisor, path)
                 await supervisor.run()
                 tg.cancel_scope.cancel()
-        except EscalationError as exc:
-            logger.critical("runtime unready and exiting: {exc}", exc=exc)
+        except* EscalationError as group:
+            escalated.extend(group.exceptions)
+        if escalated:
+            logger.critical("runtime unready and exiting: {exc}", exc=escalated[0])
             return EXIT_ESCALATED
     logger.info("runtime stopped cleanly")
     return EXIT_OK

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
 import click
-from loguru import logger
 
 from runtime.errors import MagasinError
 from runtime.observability.logging import configure_logging
+
+if TYPE_CHECKING:
+    import httpx
+
+    from runtime.bus.protocol import Bus
+
+_T = TypeVar("_T")
 
 DATABASE_URL_ENV = "MAGASIN_DATABASE_URL"
 
@@ -37,6 +46,12 @@ def _run_async(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
 def main(log_level: str, log_format: str) -> None:
     """magasin: an actor runtime for an event-sourced complaint-handling backend."""
     configure_logging(log_level, log_format)
+
+
+def _importable_cwd() -> None:
+    """Handlers are dotted paths from where magasin runs, as with ``python -m``."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 @main.group()
@@ -81,23 +96,21 @@ def db_migrate(database_url: str | None, schema: str) -> None:
 
 
 @main.command("run")
-@click.argument("topology", type=click.Path(dir_okay=False), default="topology.yaml")
+@click.argument("topology", type=click.Path(dir_okay=False, exists=True), default="topology.yaml")
 def run(topology: str) -> None:
-    """Start the supervisor on TOPOLOGY."""
-    from runtime.store.factory import open_store  # noqa: PLC0415
+    """Start the supervisor on TOPOLOGY (exit 0 after a clean stop, 70 on escalation)."""
+    from pathlib import Path  # noqa: PLC0415
 
-    async def go() -> None:
-        store = await open_store(os.environ.get(DATABASE_URL_ENV))
-        try:
-            logger.info("event store ready: {store}", store=store)
-            logger.warning(
-                "the actor supervisor is not built yet (issue 3): {topology} is not started",
-                topology=topology,
-            )
-        finally:
-            await store.close()
+    from runtime.app import serve  # noqa: PLC0415
+    from runtime.topology import load_topology  # noqa: PLC0415
 
-    _run_async(go)
+    _importable_cwd()
+    try:
+        loaded = load_topology(topology)
+    except MagasinError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(_run_async(serve, Path(topology), loaded))
 
 
 @main.command("check")
@@ -107,15 +120,390 @@ def check(topology: str) -> None:
     from runtime.errors import TopologyError  # noqa: PLC0415
     from runtime.topology import load_topology  # noqa: PLC0415
 
-    # handlers are dotted paths from where magasin runs, as with `python -m`
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _importable_cwd()
     try:
         plan = load_topology(topology).plan_text()
     except TopologyError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     click.echo(plan)
+
+
+# --- talking to a running runtime over HTTP --------------------------------------------------
+
+HTTP_PORT_ENV = "MAGASIN_HTTP_PORT"
+HTTP_TIMEOUT = 5.0
+EXIT_NOT_READY = 1
+EXIT_UNREACHABLE = 2
+
+
+def _default_url() -> str:
+    return f"http://127.0.0.1:{os.environ.get(HTTP_PORT_ENV) or 8080}"
+
+
+def _url_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--url",
+        default=_default_url,
+        show_default=f"http://127.0.0.1:${{{HTTP_PORT_ENV}:-8080}}",
+        help="Base URL of the runtime's HTTP gateway.",
+    )(fn)
+
+
+def _unreachable(url: str, exc: Exception) -> NoReturn:
+    click.echo(
+        f"error: cannot reach the magasin runtime at {url} ({exc}); start it with "
+        "`magasin run`, or point --url (or MAGASIN_HTTP_PORT) at it",
+        err=True,
+    )
+    sys.exit(EXIT_UNREACHABLE)
+
+
+def _fetch(client: httpx.Client, url: str, path: str) -> httpx.Response:
+    """GET ``path``; a runtime that does not answer ends the command (exit 2)."""
+    import httpx  # noqa: PLC0415
+
+    try:
+        return client.get(path)
+    except httpx.TransportError as exc:
+        _unreachable(url, exc)
+
+
+def _fetch_actors(client: httpx.Client, url: str) -> list[dict[str, Any]]:
+    response = _fetch(client, url, "/actors")
+    if response.status_code != 200:
+        click.echo(
+            f"error: GET {url}/actors answered {response.status_code}; is this a magasin "
+            "runtime's gateway?",
+            err=True,
+        )
+        sys.exit(EXIT_UNREACHABLE)
+    actors: list[dict[str, Any]] = response.json()
+    return actors
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [list(header), *([str(cell) for cell in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
+
+def _shorten(text: str | None, limit: int = 60) -> str:
+    if not text:
+        return "-"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@main.command("status")
+@_url_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw figures as JSON.")
+def status(url: str, as_json: bool) -> None:
+    """Show each actor of a running runtime and whether it is ready.
+
+    Exits 0 when ready, 1 when not, 2 when the runtime cannot be reached.
+    """
+    import httpx  # noqa: PLC0415
+
+    url = url.rstrip("/")
+    with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT) as client:
+        actors = _fetch_actors(client, url)
+        health = _fetch(client, url, "/health/ready")
+    ready = health.status_code == 200
+    readiness: dict[str, Any] = health.json() if health.content else {}
+    if as_json:
+        click.echo(json.dumps({"url": url, "ready": ready, "health": readiness, "actors": actors}))
+    else:
+        header = ("ACTOR", "KIND", "STATE", "RESTARTS", "MAILBOX", "IN-FLIGHT", "CONSUMERS")
+        rows = [
+            (
+                a["name"],
+                a["kind"],
+                a["state"],
+                a["restarts"],
+                a["mailbox_depth"],
+                a["in_flight"],
+                a["consumers"],
+                _shorten(a["last_error"]),
+            )
+            for a in actors
+        ]
+        click.echo(_table((*header, "LAST ERROR"), rows))
+        click.echo("")
+        if ready:
+            click.echo(f"runtime at {url}: ready")
+        else:
+            why = readiness.get("detail") or ", ".join(
+                f"{a['name']} is {a['state']}" for a in readiness.get("actors", [])
+            )
+            click.echo(f"runtime at {url}: NOT ready ({why or f'HTTP {health.status_code}'})")
+    sys.exit(0 if ready else EXIT_NOT_READY)
+
+
+# --- chaos drills ----------------------------------------------------------------------------
+
+
+def chaos_schedule(
+    seed: int, duration: float, mean_interval: float, actors: Sequence[str]
+) -> list[tuple[float, str]]:
+    """When to crash which actor: ``(offset in seconds, actor)`` pairs within ``duration``.
+
+    A pure function of its arguments (the actors' order does not matter), so a seed replays
+    the same drill: Poisson arrivals (exponential gaps of mean ``mean_interval``), each
+    picking one actor uniformly.
+    """
+    if mean_interval <= 0:
+        raise ValueError(f"the mean interval must be greater than zero, got {mean_interval}")
+    pool = sorted(set(actors))
+    if not pool:
+        return []
+    rng = random.Random(seed)  # noqa: S311 - reproducible drills, not cryptography
+    schedule: list[tuple[float, str]] = []
+    offset = rng.expovariate(1 / mean_interval)
+    while offset < duration:
+        schedule.append((offset, rng.choice(pool)))
+        offset += rng.expovariate(1 / mean_interval)
+    return schedule
+
+
+def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> float | None:
+    from runtime.topology import parse_duration  # noqa: PLC0415
+
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _chaos_targets(client: httpx.Client, url: str, named: list[str] | None) -> list[str]:
+    """The actors to crash: those named (checked against the runtime), else every actor
+    but the gateway, sorted by name."""
+    actors = _fetch_actors(client, url)
+    if named is None:
+        return sorted(a["name"] for a in actors if a["kind"] != "gateway")
+    known = {a["name"] for a in actors}
+    if unknown := [name for name in named if name not in known]:
+        click.echo(
+            f"error: no actor named {', '.join(unknown)} in the runtime at {url} "
+            f"(its actors: {', '.join(sorted(known))})",
+            err=True,
+        )
+        sys.exit(EXIT_UNREACHABLE)
+    return sorted(set(named))
+
+
+def _crash(client: httpx.Client, url: str, actor: str) -> str:
+    """Ask the runtime to crash ``actor``; what happened, in a few words."""
+    import httpx  # noqa: PLC0415
+
+    try:
+        response = client.post(f"/actors/{actor}/crash")
+    except httpx.TransportError as exc:
+        return f"runtime unreachable ({exc})"
+    if response.status_code == 202:
+        return "crashed"
+    if response.status_code == 403:
+        click.echo(
+            f"error: the runtime at {url} refuses to crash actors: its admin endpoints are "
+            "off. Set `admin: true` in the topology and restart `magasin run`.",
+            err=True,
+        )
+        sys.exit(EXIT_NOT_READY)
+    detail = response.json().get("detail", "") if response.content else ""
+    return f"skipped: HTTP {response.status_code} {detail}".rstrip()
+
+
+@main.command("chaos")
+@click.option("--seed", type=int, help="Seed of the drill (default: a random one, printed).")
+@click.option("--duration", required=True, callback=_duration, help="How long to run: 30s, 5m, ...")
+@click.option(
+    "--mean-interval",
+    default="2s",
+    show_default=True,
+    callback=_duration,
+    help="Mean time between two crashes (exponentially distributed).",
+)
+@click.option("--actors", help="Comma-separated actors to crash (default: all but the gateway).")
+@click.option("--dry-run", is_flag=True, help="Print the schedule; crash nothing.")
+@_url_option
+def chaos(
+    *,
+    seed: int | None,
+    duration: float,
+    mean_interval: float,
+    actors: str | None,
+    dry_run: bool,
+    url: str,
+) -> None:
+    """Crash random actors of a running runtime at random moments (needs `admin: true`).
+
+    The schedule depends only on the seed, the duration, the mean interval and the actors,
+    so `--seed` replays a drill. With --dry-run and --actors nothing is asked of the runtime;
+    with --dry-run alone it is only asked for its actors.
+    """
+    import httpx  # noqa: PLC0415
+
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**32)
+    click.echo(f"chaos seed {seed}")
+    named = [name.strip() for name in actors.split(",") if name.strip()] if actors else None
+    url = url.rstrip("/")
+    with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT) as client:
+        if dry_run and named is not None:
+            targets = sorted(set(named))
+        else:
+            targets = _chaos_targets(client, url, named)
+        if not targets:
+            click.echo("error: there is no actor to crash; name some with --actors", err=True)
+            sys.exit(EXIT_UNREACHABLE)
+        schedule = chaos_schedule(seed, duration, mean_interval, targets)
+        click.echo(
+            f"{len(schedule)} crash(es) over {duration:g}s (mean interval {mean_interval:g}s) "
+            f"among {', '.join(targets)}{' (dry run)' if dry_run else f' at {url}'}"
+        )
+        started = time.monotonic()
+        for offset, actor in schedule:
+            if dry_run:
+                click.echo(f"+{offset:8.3f}s  crash {actor}")
+                continue
+            time.sleep(max(0.0, started + offset - time.monotonic()))
+            click.echo(f"+{offset:8.3f}s  crash {actor}: {_crash(client, url, actor)}")
+        if not dry_run:
+            time.sleep(max(0.0, started + duration - time.monotonic()))
+            click.echo(f"chaos over after {duration:g}s (seed {seed})")
+
+
+# --- dead-letter queues ----------------------------------------------------------------------
+
+
+def _dead_letter_url(topology_path: str, queue: str) -> str:
+    """The broker URL of the topology (MAGASIN_AMQP_URL overrides); exits 2 when it is the
+    embedded bus, whose dead letters die with the process that holds them."""
+    from runtime.errors import TopologyError  # noqa: PLC0415
+    from runtime.topology import load_topology  # noqa: PLC0415
+
+    try:
+        topology = load_topology(topology_path, check_handlers=False)
+    except TopologyError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    url = topology.amqp_url
+    if not url or url.startswith("memory://"):
+        click.echo(
+            "error: the topology runs the embedded in-process bus (amqp_url is memory://), "
+            "which keeps no dead letters across processes; set MAGASIN_AMQP_URL=amqp://... "
+            "(or amqp_url in the topology) to manage RabbitMQ's dead-letter queues",
+            err=True,
+        )
+        sys.exit(2)
+    queues = sorted(spec.name for spec in topology.bus_plan().queues)
+    if queue not in queues:
+        click.echo(
+            f"warning: {queue!r} is not a queue of {topology_path} (its queues: "
+            f"{', '.join(queues) or 'none'}); trying the broker anyway",
+            err=True,
+        )
+    return url
+
+
+def _bus_call(topology_path: str, queue: str, call: Callable[[Bus], Awaitable[_T]]) -> _T:
+    """Connect to the topology's broker, run ``call`` on it, close."""
+    url = _dead_letter_url(topology_path, queue)
+
+    async def go() -> _T:
+        from runtime.bus.rabbitmq import RabbitMQBus  # noqa: PLC0415
+
+        bus = await RabbitMQBus.connect(url, name=f"magasin-dlq-{os.getpid()}")
+        try:
+            return await call(bus)
+        finally:
+            await bus.close()
+
+    result: _T = _run_async(go)
+    return result
+
+
+_topology_option = click.option(
+    "--topology",
+    "topology_path",
+    type=click.Path(dir_okay=False),
+    default="topology.yaml",
+    show_default=True,
+    help="The topology naming the broker (amqp_url; MAGASIN_AMQP_URL overrides it).",
+)
+
+
+@main.group()
+def dlq() -> None:
+    """Dead-letter queues on RabbitMQ: list, replay, purge (QUEUE is the work queue)."""
+
+
+@dlq.command("list")
+@click.argument("queue")
+@_topology_option
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+def dlq_list(queue: str, topology_path: str, limit: int) -> None:
+    """Show the dead letters of QUEUE without removing them."""
+    from runtime.bus.protocol import X_FIRST_FAILED_AT  # noqa: PLC0415
+    from runtime.naming import dead_letter_queue  # noqa: PLC0415
+
+    letters = _bus_call(topology_path, queue, lambda bus: bus.list_dead_letters(queue, limit))
+    if not letters:
+        click.echo(f"no dead letters in {dead_letter_queue(queue)}")
+        return
+    rows = [
+        (
+            letter.message_id,
+            letter.error_type or "-",
+            _shorten(letter.error),
+            letter.attempts,
+            letter.headers.get(X_FIRST_FAILED_AT) or "-",
+        )
+        for letter in letters
+    ]
+    header = ("MESSAGE ID", "ERROR TYPE", "ERROR", "ATTEMPTS", "FIRST FAILED AT")
+    click.echo(_table(header, rows))
+    more = f" (the first {limit}; raise --limit for more)" if len(letters) >= limit else ""
+    click.echo(f"\n{len(letters)} dead letter(s) in {dead_letter_queue(queue)}{more}")
+
+
+@dlq.command("replay")
+@click.argument("queue")
+@click.option("--id", "message_id", help="Replay the dead letter with this message id.")
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter of QUEUE.")
+@_topology_option
+def dlq_replay(queue: str, message_id: str | None, replay_all: bool, topology_path: str) -> None:
+    """Move dead letters of QUEUE back to QUEUE, to be handled again."""
+    from runtime.naming import dead_letter_queue  # noqa: PLC0415
+
+    if (message_id is None) == (not replay_all):
+        raise click.UsageError("give exactly one of --id ID and --all")
+    moved = _bus_call(topology_path, queue, lambda bus: bus.replay_dead_letters(queue, message_id))
+    source = dead_letter_queue(queue)
+    if message_id is not None and moved == 0:
+        click.echo(f"error: no dead letter with id {message_id!r} in {source}", err=True)
+        sys.exit(1)
+    click.echo(f"replayed {moved} message(s) from {source} to {queue}")
+
+
+@dlq.command("purge")
+@click.argument("queue")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_topology_option
+def dlq_purge(queue: str, yes: bool, topology_path: str) -> None:
+    """Delete every dead letter of QUEUE, for good."""
+    from runtime.naming import dead_letter_queue  # noqa: PLC0415
+
+    source = dead_letter_queue(queue)
+    if not yes:
+        click.confirm(f"Delete every message in {source}? This cannot be undone", abort=True)
+    purged = _bus_call(topology_path, queue, lambda bus: bus.purge_dead_letters(queue))
+    click.echo(f"purged {purged} message(s) from {source}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,7 @@ import pytest
 from runtime.observability.metrics import Metrics
 from runtime.store.postgres import PostgresEventStore
 from tests.support.postgres import create_database, drop_schema
+from tests.support.rabbitmq import amqp_url, rabbitmq_vhost  # noqa: F401 - session fixtures
 
 
 @pytest.fixture(scope="session")

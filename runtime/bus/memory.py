@@ -1,0 +1,547 @@
+"""The in-process bus: the embedded default and the fast twin for unit tests.
+
+It keeps the RabbitMQ bus's contract (``tests/contracts/bus.py``): topic, direct and fanout
+exchanges with AMQP matching, the default exchange, per-consumer prefetch, competing
+consumers served round robin, requeue when a consume context is left, broker-style
+dead-lettering into ``<queue>.dlq`` and TTL retry queues that hand messages back to their
+work queue. There is no delivery-limit backstop: nothing here can kill the consumer
+without killing the bus.
+
+There is no background task. A retry queue expires its messages lazily, head first like a
+broker TTL queue, on every bus operation and in every consumer waiting for a delivery
+(it sleeps until the next expiry, on anyio's clock, and is woken when a message is parked).
+A parked message is late only while nobody uses the bus and nobody waits, when nobody could
+receive it anyway. So the bus owns no task group (one entered in a pytest-asyncio fixture
+would be exited from another task) and obeys structured concurrency by construction;
+``async with MemoryBus()`` only closes it at the end.
+
+The failure-header rules (``failure_headers``, ``replay_headers``, ``dead_letter_record``)
+live here too and the RabbitMQ bus reuses them: both buses write the same headers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from types import TracebackType
+
+import anyio
+import anyio.lowlevel
+import msgspec
+from loguru import logger
+
+from runtime.bus.protocol import (
+    X_ACTOR,
+    X_ATTEMPTS,
+    X_ERROR,
+    X_ERROR_TYPE,
+    X_FIRST_FAILED_AT,
+    X_ORIGINAL_EXCHANGE,
+    X_ORIGINAL_ROUTING_KEY,
+    BusPlan,
+    DeadLetter,
+    Delivery,
+    Headers,
+    HeaderValue,
+    QueueSpec,
+)
+from runtime.errors import (
+    BusError,
+    BusUnavailableError,
+    UnknownExchangeError,
+    UnknownQueueError,
+    UnroutableError,
+)
+from runtime.naming import DEAD_LETTER_EXCHANGE, dead_letter_queue, retry_queue
+
+# --- failure headers, shared with the RabbitMQ bus ----------------------------------------
+
+MAX_ERROR_LENGTH = 1000
+ERROR_HEADERS = (X_ERROR, X_ERROR_TYPE, X_ACTOR, X_FIRST_FAILED_AT)
+# Headers the broker writes when it dead-letters or redelivers. They describe one hop
+# through one queue; a copy we publish ourselves starts without them (a re-published
+# ``x-death`` arrives stringified and the broker would only reset it with a warning).
+BROKER_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
+
+
+def failure_headers(
+    delivery: Delivery, *, error: BaseException, actor: str, now: datetime | None = None
+) -> dict[str, HeaderValue]:
+    """The headers of a failed message's copy (retry or dead letter): attempts + 1, the
+    error, the actor, and the first failure time and original address kept from before."""
+    headers = _without_broker_headers(delivery.headers)
+    headers[X_ATTEMPTS] = delivery.attempts + 1
+    if not headers.get(X_FIRST_FAILED_AT):
+        headers[X_FIRST_FAILED_AT] = (now or datetime.now(UTC)).isoformat()
+    message = str(error) or type(error).__name__
+    if len(message) > MAX_ERROR_LENGTH:
+        message = message[: MAX_ERROR_LENGTH - 3] + "..."
+    headers[X_ERROR] = message
+    headers[X_ERROR_TYPE] = type(error).__name__
+    headers[X_ACTOR] = actor
+    headers.setdefault(X_ORIGINAL_EXCHANGE, delivery.exchange)
+    headers.setdefault(X_ORIGINAL_ROUTING_KEY, delivery.routing_key)
+    return headers
+
+
+def replay_headers(headers: Mapping[str, HeaderValue]) -> dict[str, HeaderValue]:
+    """A replayed dead letter starts over: no error headers, ``x-attempts`` 0."""
+    result = _without_broker_headers(headers)
+    for key in ERROR_HEADERS:
+        result.pop(key, None)
+    result[X_ATTEMPTS] = 0
+    return result
+
+
+def dead_letter_record(
+    message_id: str, headers: dict[str, HeaderValue], body: bytes, broker_reason: str
+) -> DeadLetter:
+    """A DLQ message as the CLI lists it. A message the broker dead-lettered (rejected,
+    delivery limit) has no ``x-error``: its reason stands in for the error."""
+    error = headers.get(X_ERROR)
+    attempts = headers.get(X_ATTEMPTS, 0)
+    return DeadLetter(
+        message_id=message_id,
+        headers=headers,
+        body=body,
+        error=str(error) if error is not None else f"dead-lettered by the broker ({broker_reason})",
+        error_type=str(headers.get(X_ERROR_TYPE) or broker_reason),
+        attempts=int(attempts) if isinstance(attempts, int | float) else 0,
+    )
+
+
+def _without_broker_headers(headers: Mapping[str, HeaderValue]) -> dict[str, HeaderValue]:
+    return {k: v for k, v in headers.items() if not k.startswith(BROKER_HEADER_PREFIXES)}
+
+
+# --- routing -------------------------------------------------------------------------------
+
+
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """AMQP topic matching: words split on '.', ``*`` is one word, ``#`` zero or more."""
+    words = routing_key.split(".") if routing_key else []
+    reachable = {0}  # how many words of the key the pattern so far can have consumed
+    for part in pattern.split(".") if pattern else []:
+        if part == "#":
+            reachable = set(range(min(reachable), len(words) + 1))
+        else:
+            reachable = {i + 1 for i in reachable if i < len(words) and part in ("*", words[i])}
+        if not reachable:
+            return False
+    return len(words) in reachable
+
+
+# --- state -----------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Message:
+    message_id: str
+    body: bytes
+    headers: dict[str, HeaderValue]
+    exchange: str
+    routing_key: str
+    redelivered: bool = False
+    expires_at: float = math.inf
+    death_reason: str = ""  # why the "broker" dead-lettered it last
+
+
+@dataclass(eq=False)
+class _Queue:
+    name: str
+    spec: QueueSpec | None = None  # set on work queues, to check redeclarations
+    ttl: float | None = None
+    dead_letter_exchange: str | None = None
+    dead_letter_routing_key: str = ""
+    ready: deque[_Message] = field(default_factory=deque)
+    consumers: list[_Consumer] = field(default_factory=list)
+    turn: int = 0  # round robin position among the consumers
+
+
+@dataclass(eq=False)
+class _Consumer:
+    id: int
+    queue: _Queue
+    prefetch: int
+    unsettled: dict[int, _Message] = field(default_factory=dict)  # delivery tag -> message
+    pending: deque[Delivery] = field(default_factory=deque)  # dispatched, not yet yielded
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    open: bool = True
+
+
+class _Deliveries:
+    """What ``consume`` yields: waits for the consumer's next delivery."""
+
+    def __init__(self, bus: MemoryBus, consumer: _Consumer) -> None:
+        self._bus = bus
+        self._consumer = consumer
+
+    def __aiter__(self) -> _Deliveries:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        consumer = self._consumer
+        while True:
+            # One checkpoint per call: a busy consumer never starves the other tasks.
+            await anyio.lowlevel.checkpoint()
+            if not consumer.open:
+                raise StopAsyncIteration
+            self._bus._expire_due()
+            if consumer.pending:
+                return consumer.pending.popleft()
+            consumer.wake = anyio.Event()
+            with anyio.move_on_after(self._bus._until_next_expiry()):
+                await consumer.wake.wait()
+
+
+class MemoryBus:
+    """A ``Bus`` held in deques and dicts; lost when the process ends."""
+
+    def __init__(self) -> None:
+        self._exchanges: dict[str, str] = {DEAD_LETTER_EXCHANGE: "direct"}  # name -> type
+        self._bindings: dict[str, list[tuple[str, str]]] = {}  # exchange -> (key, queue)
+        self._queues: dict[str, _Queue] = {}
+        self._consumers: dict[int, _Consumer] = {}
+        self._ids = itertools.count(1)
+        self._tags = itertools.count(1)
+        self._closed = False
+
+    async def __aenter__(self) -> MemoryBus:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return not self._closed
+
+    # --- topology ----------------------------------------------------------------------
+
+    async def declare(self, plan: BusPlan) -> None:
+        self._check_open()
+        for exchange in plan.exchanges:
+            self._declare_exchange(exchange.name, exchange.type)
+        for spec in plan.queues:
+            for binding in spec.bindings:
+                if binding.exchange not in self._exchanges:
+                    raise UnknownExchangeError(binding.exchange)
+            self._declare_queue(spec)
+        await anyio.lowlevel.checkpoint()
+
+    def _declare_exchange(self, name: str, kind: str) -> None:
+        current = self._exchanges.setdefault(name, kind)
+        if current != kind:
+            raise BusError(
+                f"exchange {name!r} already exists as a {current} exchange, not {kind}; "
+                "delete it or give the new one another name"
+            )
+
+    def _declare_queue(self, spec: QueueSpec) -> None:
+        existing = self._queues.get(spec.name)
+        if existing is not None:
+            if existing.spec is None or _settings(existing.spec) != _settings(spec):
+                raise BusError(
+                    f"queue {spec.name!r} already exists with other settings; delete it or "
+                    "give the new one another name"
+                )
+        else:
+            dlq = dead_letter_queue(spec.name)
+            self._queues[spec.name] = _Queue(spec.name, spec, None, DEAD_LETTER_EXCHANGE, dlq)
+            for rung, delay in enumerate(spec.retry_delays, start=1):
+                name = retry_queue(spec.name, rung)
+                self._queues[name] = _Queue(name, None, delay, "", spec.name)
+            self._queues[dlq] = _Queue(dlq)
+            self._bind(DEAD_LETTER_EXCHANGE, dlq, dlq)
+        for binding in spec.bindings:
+            self._bind(binding.exchange, binding.routing_key, spec.name)
+
+    def _bind(self, exchange: str, routing_key: str, queue: str) -> None:
+        bindings = self._bindings.setdefault(exchange, [])
+        if (routing_key, queue) not in bindings:
+            bindings.append((routing_key, queue))
+
+    def _route(self, exchange: str, routing_key: str) -> list[_Queue]:
+        if exchange == "":
+            queue = self._queues.get(routing_key)
+            return [queue] if queue is not None else []
+        kind = self._exchanges.get(exchange)
+        if kind is None:
+            raise UnknownExchangeError(exchange)
+        names: dict[str, None] = {}  # ordered set: a queue gets one copy however bound
+        for key, queue_name in self._bindings.get(exchange, []):
+            if (
+                kind == "fanout"
+                or (kind == "direct" and key == routing_key)
+                or (kind == "topic" and topic_matches(key, routing_key))
+            ):
+                names[queue_name] = None
+        return [self._queues[name] for name in names]
+
+    def _queue(self, name: str) -> _Queue:
+        queue = self._queues.get(name)
+        if queue is None:
+            raise UnknownQueueError(f"queue {name!r} does not exist; declare the bus plan first")
+        return queue
+
+    # --- publishing ----------------------------------------------------------------------
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Headers | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        await anyio.lowlevel.checkpoint()  # before any effect: a cancelled publish did nothing
+        self._check_open()
+        self._expire_due()
+        queues = self._route(exchange, routing_key)
+        if not queues:
+            if mandatory:
+                raise UnroutableError(exchange, routing_key)
+            return
+        for queue in queues:
+            self._put(queue, _Message(message_id, body, dict(headers or {}), exchange, routing_key))
+
+    def _put(self, queue: _Queue, message: _Message) -> None:
+        queue.ready.append(message)
+        if queue.ttl is not None:
+            message.expires_at = anyio.current_time() + queue.ttl
+            # Waiting consumers sleep until the expiry they knew of: let them look again.
+            for consumer in self._consumers.values():
+                consumer.wake.set()
+        self._dispatch(queue)
+
+    def _dead_letter(self, message: _Message, source: _Queue, reason: str) -> None:
+        """What the broker does on reject or expiry: re-route via the queue's DLX."""
+        if source.dead_letter_exchange is None:
+            logger.warning(
+                "message {id} dropped from {queue} ({reason}): the queue has no dead-letter "
+                "exchange",
+                id=message.message_id,
+                queue=source.name,
+                reason=reason,
+            )
+            return
+        headers = dict(message.headers)
+        headers.setdefault("x-first-death-queue", source.name)
+        headers.setdefault("x-first-death-reason", reason)
+        headers.setdefault("x-first-death-exchange", message.exchange)
+        exchange, routing_key = source.dead_letter_exchange, source.dead_letter_routing_key
+        for queue in self._route(exchange, routing_key):
+            self._put(
+                queue,
+                replace(
+                    message,
+                    headers=dict(headers),
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    redelivered=False,
+                    expires_at=math.inf,
+                    death_reason=reason,
+                ),
+            )
+
+    # --- retry queues: lazy, head-first expiry ------------------------------------------------
+
+    def _expire_due(self) -> None:
+        now = anyio.current_time()
+        for queue in list(self._queues.values()):
+            while queue.ttl is not None and queue.ready and queue.ready[0].expires_at <= now:
+                self._dead_letter(queue.ready.popleft(), queue, "expired")
+
+    def _until_next_expiry(self) -> float:
+        heads = [
+            q.ready[0].expires_at for q in self._queues.values() if q.ttl is not None and q.ready
+        ]
+        return max(0.0, min(heads) - anyio.current_time()) if heads else math.inf
+
+    # --- consuming -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def consume(self, queue: str, prefetch: int) -> AsyncIterator[AsyncIterator[Delivery]]:
+        self._check_open()
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+        consumer = _Consumer(next(self._ids), self._queue(queue), prefetch)
+        self._consumers[consumer.id] = consumer
+        consumer.queue.consumers.append(consumer)
+        self._dispatch(consumer.queue)
+        try:
+            yield _Deliveries(self, consumer)
+        finally:
+            self._cancel(consumer)
+
+    def _dispatch(self, queue: _Queue) -> None:
+        """Hand ready messages to consumers with room, round robin (the broker's push)."""
+        while queue.ready:
+            consumer = self._next_consumer(queue)
+            if consumer is None:
+                return
+            message = queue.ready.popleft()
+            tag = next(self._tags)
+            consumer.unsettled[tag] = message
+            consumer.pending.append(
+                Delivery(
+                    queue=queue.name,
+                    message_id=message.message_id,
+                    body=message.body,
+                    headers=dict(message.headers),
+                    exchange=message.exchange,
+                    routing_key=message.routing_key,
+                    redelivered=message.redelivered,
+                    delivery_tag=tag,
+                    consumer=consumer.id,
+                )
+            )
+            consumer.wake.set()
+
+    @staticmethod
+    def _next_consumer(queue: _Queue) -> _Consumer | None:
+        count = len(queue.consumers)
+        for step in range(count):
+            consumer = queue.consumers[(queue.turn + step) % count]
+            if len(consumer.unsettled) < consumer.prefetch:
+                queue.turn = (queue.turn + step + 1) % count
+                return consumer
+        return None
+
+    def _cancel(self, consumer: _Consumer) -> None:
+        """Leave a consume context: its unsettled deliveries go back to the queue's head."""
+        consumer.open = False
+        consumer.wake.set()
+        self._consumers.pop(consumer.id, None)
+        queue = consumer.queue
+        if consumer in queue.consumers:
+            queue.consumers.remove(consumer)
+        for tag in sorted(consumer.unsettled, reverse=True):
+            consumer.unsettled[tag].redelivered = True
+            queue.ready.appendleft(consumer.unsettled[tag])
+        consumer.unsettled.clear()
+        consumer.pending.clear()
+        if not self._closed:
+            self._dispatch(queue)
+
+    # --- settling ------------------------------------------------------------------------
+
+    def _take(self, delivery: Delivery, verb: str) -> tuple[_Queue, _Message] | None:
+        """The unsettled message behind ``delivery``, or None if its consume context is
+        gone (stale): then it was already requeued and is delivered again."""
+        consumer = self._consumers.get(delivery.consumer)
+        message = consumer.unsettled.pop(delivery.delivery_tag, None) if consumer else None
+        if consumer is None or message is None:
+            logger.warning(
+                "cannot {verb} message {id} of {queue}: its consume context is closed or it "
+                "was already settled; unless it was settled before, it is delivered again",
+                verb=verb,
+                id=delivery.message_id,
+                queue=delivery.queue,
+            )
+            return None
+        return consumer.queue, message
+
+    async def ack(self, delivery: Delivery) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._expire_due()
+        taken = self._take(delivery, "ack")
+        if taken is not None:
+            self._dispatch(taken[0])
+
+    async def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._expire_due()
+        taken = self._take(delivery, "nack")
+        if taken is None:
+            return
+        queue, message = taken
+        if requeue:
+            message.redelivered = True
+            queue.ready.appendleft(message)
+            self._dispatch(queue)
+        else:
+            self._dead_letter(message, queue, "rejected")
+            self._dispatch(queue)
+
+    async def retry(
+        self, delivery: Delivery, *, rung: int, error: BaseException, actor: str
+    ) -> None:
+        headers = failure_headers(delivery, error=error, actor=actor)
+        target = retry_queue(delivery.queue, rung)
+        await self.publish(
+            "", target, delivery.body, message_id=delivery.message_id, headers=headers
+        )
+        await self.ack(delivery)
+
+    async def dead_letter(self, delivery: Delivery, *, error: BaseException, actor: str) -> None:
+        headers = failure_headers(delivery, error=error, actor=actor)
+        target = dead_letter_queue(delivery.queue)
+        await self.publish(
+            "", target, delivery.body, message_id=delivery.message_id, headers=headers
+        )
+        await self.ack(delivery)
+
+    # --- dead-letter administration --------------------------------------------------------
+
+    async def list_dead_letters(self, queue: str, limit: int = 100) -> Sequence[DeadLetter]:
+        await anyio.lowlevel.checkpoint()
+        self._expire_due()
+        dlq = self._queue(dead_letter_queue(queue))
+        return [
+            dead_letter_record(m.message_id, dict(m.headers), m.body, m.death_reason or "unknown")
+            for m in itertools.islice(dlq.ready, max(limit, 0))
+        ]
+
+    async def replay_dead_letters(self, queue: str, message_id: str | None = None) -> int:
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        self._expire_due()
+        dlq, work = self._queue(dead_letter_queue(queue)), self._queue(queue)
+        chosen = [m for m in dlq.ready if message_id is None or m.message_id == message_id]
+        dlq.ready = deque(m for m in dlq.ready if m not in chosen)
+        for message in chosen:
+            self._put(
+                work,
+                _Message(
+                    message.message_id, message.body, replay_headers(message.headers), "", queue
+                ),
+            )
+        return len(chosen)
+
+    async def purge_dead_letters(self, queue: str) -> int:
+        await anyio.lowlevel.checkpoint()
+        self._expire_due()
+        dlq = self._queue(dead_letter_queue(queue))
+        count = len(dlq.ready)
+        dlq.ready.clear()
+        return count
+
+    async def close(self) -> None:
+        self._closed = True
+        for consumer in list(self._consumers.values()):
+            self._cancel(consumer)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BusUnavailableError("memory", "the bus is closed")
+
+    def __repr__(self) -> str:
+        return f"MemoryBus(queues={len(self._queues)}, consumers={len(self._consumers)})"
+
+
+def _settings(spec: QueueSpec) -> QueueSpec:
+    """What must match when a queue is declared again (bindings are additive)."""
+    return msgspec.structs.replace(spec, bindings=())

@@ -1,0 +1,597 @@
+"""The RabbitMQ bus, on aio-pika's robust connection (RabbitMQ 3.10, see PITFALLS.md).
+
+This is the only module that imports aio-pika: driver errors become ``runtime.errors``
+here. Channels, by job:
+
+- one long-lived *publisher* channel (robust, publisher confirms, ``on_return_raises``):
+  publishes are pipelined, each awaiting its own confirm, never serialised by us;
+- one robust channel per ``consume`` context, with its own prefetch, so leaving the
+  context (closing the channel) makes the broker requeue exactly that context's unsettled
+  deliveries, and aio-pika restores its consumer after a reconnection;
+- a short-lived plain channel per administrative call (declare, passive checks, dead-letter
+  listing/replay/purge): an error there closes only that channel.
+
+Stale deliveries: a delivery remembers the channel it came on. Once that channel is gone
+(context left, connection lost) the broker has requeued the message, so settling it is
+logged and ignored: the actor survives and the message is delivered again. Acking on the
+old channel object can never ack an unrelated message on the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from aio_pika import Channel, DeliveryMode, Exchange, ExchangeType, Message, RobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+)
+from aio_pika.exceptions import (
+    CONNECTION_EXCEPTIONS,
+    AMQPChannelError,
+    AMQPError,
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+    DeliveryError,
+    PublishError,
+)
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from loguru import logger
+from yarl import URL
+
+from runtime.bus.memory import dead_letter_record, failure_headers, replay_headers
+from runtime.bus.protocol import (
+    BusPlan,
+    DeadLetter,
+    Delivery,
+    Headers,
+    QueueSpec,
+    header_dict,
+)
+from runtime.errors import (
+    BusError,
+    BusUnavailableError,
+    PublishNotConfirmedError,
+    UnknownExchangeError,
+    UnknownQueueError,
+    UnroutableError,
+)
+from runtime.naming import DEAD_LETTER_EXCHANGE, dead_letter_queue, retry_queue
+
+# Errors of a broker round trip that did not complete (channel or connection gone).
+_LINK_ERRORS = (AMQPError, ChannelInvalidStateError, ConnectionError)
+_REQUEUE_WAIT = 2.0  # seconds a dead-letter listing waits for its requeues to land
+
+
+def describe_url(url: str) -> str:
+    """``host:port/vhost`` for messages, never the password."""
+    parsed = URL(url)
+    return f"{parsed.host or 'localhost'}:{parsed.port or 5672}{parsed.path or '/'}"
+
+
+def _redact(text: str, url: str) -> str:
+    password = URL(url).password
+    return text.replace(password, "******") if password else text
+
+
+def work_queue_arguments(spec: QueueSpec) -> dict[str, Any]:
+    """A work queue dead-letters into the DLX, routed to its DLQ. A quorum queue also gets
+    the delivery-limit backstop (3.10 has no default) and at-least-once dead-lettering
+    (which needs ``reject-publish`` overflow); classic queues support neither."""
+    arguments: dict[str, Any] = {
+        "x-queue-type": spec.queue_type,
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-routing-key": dead_letter_queue(spec.name),
+    }
+    if spec.queue_type == "quorum":
+        arguments["x-delivery-limit"] = spec.delivery_limit
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+        arguments["x-overflow"] = "reject-publish"
+    return arguments
+
+
+def retry_queue_arguments(spec: QueueSpec, delay: float) -> dict[str, Any]:
+    """One classic queue per delay (per-message TTL only expires at the head): on expiry
+    the broker dead-letters the message through the default exchange to the work queue."""
+    return {
+        "x-queue-type": "classic",
+        "x-message-ttl": max(1, round(delay * 1000)),
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": spec.name,
+    }
+
+
+def _broker_reason(headers: dict[str, Any] | None) -> str:
+    """The reason of the latest broker dead-lettering (``x-death`` lists the newest first)."""
+    deaths = (headers or {}).get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        reason = deaths[0].get("reason")
+        return reason.decode() if isinstance(reason, bytes) else str(reason)
+    return "unknown"
+
+
+@dataclass(eq=False)
+class _ConsumeContext:
+    id: int
+    queue: str
+    messages: MemoryObjectSendStream[AbstractIncomingMessage]  # closed by bus.close()
+    unsettled: dict[int, AbstractIncomingMessage] = field(default_factory=dict)
+
+
+class _Deliveries:
+    """What ``consume`` yields: the context's messages as ``Delivery`` structs."""
+
+    def __init__(
+        self,
+        bus: RabbitMQBus,
+        context: _ConsumeContext,
+        messages: MemoryObjectReceiveStream[AbstractIncomingMessage],
+    ) -> None:
+        self._bus = bus
+        self._context = context
+        self._messages = messages
+
+    def __aiter__(self) -> _Deliveries:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        while True:
+            try:
+                message = await self._messages.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                raise StopAsyncIteration from None
+            if _channel_gone(message):
+                continue  # arrived before a reconnection: the broker has requeued it
+            return self._bus._delivery(self._context, message)
+
+
+def _channel_gone(message: AbstractIncomingMessage) -> bool:
+    try:
+        return message.channel.is_closed
+    except ChannelInvalidStateError:
+        return True
+
+
+class RabbitMQBus:
+    """A ``Bus`` on RabbitMQ. Create with :meth:`connect`; close when done."""
+
+    def __init__(
+        self,
+        connection: RobustConnection,
+        publisher: AbstractRobustChannel,
+        *,
+        where: str,
+        publish_timeout: float,
+    ) -> None:
+        self._connection = connection
+        self._publisher = publisher
+        self._where = where
+        self._publish_timeout = publish_timeout
+        self._exchanges: dict[str, AbstractExchange] = {"": publisher.default_exchange}
+        self._contexts: dict[int, _ConsumeContext] = {}
+        self._ids = itertools.count(1)
+        self._tags = itertools.count(1)  # our delivery tags: unique across channels
+        self._closed = False
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        name: str = "magasin",
+        connect_timeout: float = 10.0,
+        reconnect_interval: float = 2.0,
+        publish_timeout: float = 30.0,
+    ) -> RabbitMQBus:
+        """Connect to ``url`` (``amqp://user:password@host:port/vhost``); ``name`` is the
+        connection name the management UI and ``rabbitmqctl list_connections`` show."""
+        where = describe_url(url)
+        connection = RobustConnection(
+            URL(url),
+            client_properties={"connection_name": name},
+            reconnect_interval=reconnect_interval,
+        )
+        try:
+            with anyio.fail_after(connect_timeout):
+                await connection.connect(timeout=connect_timeout)
+                publisher = connection.channel(publisher_confirms=True, on_return_raises=True)
+                await publisher.initialize()
+        except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
+            await connection.close()
+            cause = _redact(str(exc) or type(exc).__name__, url)
+            raise BusUnavailableError(where, cause) from None
+        logger.info("message bus connected to {where} as {name}", where=where, name=name)
+        return cls(connection, publisher, where=where, publish_timeout=publish_timeout)
+
+    @property
+    def connected(self) -> bool:
+        """False once closed and while the robust connection is reconnecting."""
+        connection = self._connection
+        return not self._closed and not connection.is_closed and connection.connected.is_set()
+
+    async def close(self) -> None:
+        """Close the connection; open consume contexts stop iterating."""
+        self._closed = True
+        for context in self._contexts.values():
+            context.messages.close()
+        await self._connection.close()
+
+    # --- topology ----------------------------------------------------------------------
+
+    async def declare(self, plan: BusPlan) -> None:
+        async with self._channel() as channel:
+            await self._declare_exchange(channel, DEAD_LETTER_EXCHANGE, ExchangeType.DIRECT)
+            for exchange in plan.exchanges:
+                await self._declare_exchange(channel, exchange.name, ExchangeType(exchange.type))
+            for spec in plan.queues:
+                await self._declare_queues(channel, spec)
+
+    async def _declare_exchange(
+        self, channel: AbstractChannel, name: str, kind: ExchangeType
+    ) -> None:
+        try:
+            await channel.declare_exchange(name, kind, durable=True)
+        except ChannelPreconditionFailed as exc:
+            raise BusError(
+                f"exchange {name!r} already exists with other settings ({exc}); delete it or "
+                "give the new one another name"
+            ) from exc
+        self._exchanges.setdefault(name, self._publisher_exchange(name))
+
+    async def _declare_queues(self, channel: AbstractChannel, spec: QueueSpec) -> None:
+        dlq = dead_letter_queue(spec.name)
+        work = await _declare_queue(channel, spec.name, work_queue_arguments(spec))
+        for rung, delay in enumerate(spec.retry_delays, start=1):
+            await _declare_queue(
+                channel, retry_queue(spec.name, rung), retry_queue_arguments(spec, delay)
+            )
+        dead = await _declare_queue(channel, dlq, {"x-queue-type": spec.queue_type})
+        await dead.bind(DEAD_LETTER_EXCHANGE, dlq)
+        for binding in spec.bindings:
+            try:
+                await work.bind(binding.exchange, binding.routing_key)
+            except ChannelNotFoundEntity:
+                raise UnknownExchangeError(binding.exchange) from None
+
+    # --- publishing ----------------------------------------------------------------------
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Headers | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish on the shared confirming channel. A publish that loses its connection
+        before the confirm raises ``PublishNotConfirmedError``: it may or may not have
+        arrived, so the caller retries and consumers deduplicate by message id."""
+        self._check_open()
+        target = await self._exchange(exchange)
+        message = Message(
+            body,
+            headers=dict(headers or {}),
+            message_id=message_id,
+            delivery_mode=DeliveryMode.PERSISTENT,
+        )
+        try:
+            with anyio.fail_after(self._publish_timeout):
+                await self._publisher.ready()  # waits out a reconnection
+                await target.publish(message, routing_key, mandatory=mandatory)
+        except PublishError:
+            raise UnroutableError(exchange, routing_key) from None
+        except DeliveryError as exc:
+            raise PublishNotConfirmedError(
+                f"the broker refused message {message_id} to {exchange!r}/{routing_key!r} "
+                f"({exc}); publish it again"
+            ) from exc
+        except TimeoutError:
+            raise PublishNotConfirmedError(
+                f"message {message_id} to {exchange!r}/{routing_key!r} was not confirmed within "
+                f"{self._publish_timeout}s by {self._where}; publish it again"
+            ) from None
+        except _LINK_ERRORS as exc:
+            raise PublishNotConfirmedError(
+                f"the connection to {self._where} was lost before message {message_id} was "
+                f"confirmed ({type(exc).__name__}); publish it again"
+            ) from exc
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        """The publisher's handle on exchange ``name``, checked once on a throw-away
+        channel: publishing to a missing exchange would close the shared publisher channel
+        and fail every publish in flight on it."""
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            async with self._channel() as channel:
+                try:
+                    await channel.declare_exchange(name, passive=True)
+                except ChannelNotFoundEntity:
+                    raise UnknownExchangeError(name) from None
+            exchange = self._exchanges.setdefault(name, self._publisher_exchange(name))
+        return exchange
+
+    def _publisher_exchange(self, name: str) -> AbstractExchange:
+        # Only a handle naming the exchange: publishing needs no declaration.
+        return Exchange(self._publisher, name, passive=True)
+
+    # --- consuming -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def consume(self, queue: str, prefetch: int) -> AsyncIterator[AsyncIterator[Delivery]]:
+        self._check_open()
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+        async with self._channel() as probe:
+            await self._passive_queue(probe, queue)
+        send, receive = anyio.create_memory_object_stream[AbstractIncomingMessage](math.inf)
+        context = _ConsumeContext(next(self._ids), queue, send)
+        channel = self._connection.channel(publisher_confirms=False)
+        amqp_queue: AbstractQueue | None = None
+        consumer_tag: str | None = None
+        with send, receive:
+            try:
+                await channel.initialize()
+                await channel.set_qos(prefetch_count=prefetch)
+                amqp_queue = await channel.declare_queue(queue, passive=True)
+                consumer_tag = await amqp_queue.consume(_forward(send), no_ack=False)
+                self._contexts[context.id] = context
+                yield _Deliveries(self, context, receive)
+            finally:
+                self._contexts.pop(context.id, None)
+                # Closing the channel is what requeues the unsettled deliveries; do it even
+                # when cancelled, but never hang on a broker that is gone.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await _close_consumer(channel, amqp_queue, consumer_tag)
+
+    def _delivery(self, context: _ConsumeContext, message: AbstractIncomingMessage) -> Delivery:
+        tag = next(self._tags)
+        context.unsettled[tag] = message
+        return Delivery(
+            queue=context.queue,
+            message_id=message.message_id or "",
+            body=message.body,
+            headers=header_dict(message.headers),
+            exchange=message.exchange or "",
+            routing_key=message.routing_key or "",
+            redelivered=bool(message.redelivered),
+            delivery_tag=tag,
+            consumer=context.id,
+        )
+
+    # --- settling ------------------------------------------------------------------------
+
+    def _take(self, delivery: Delivery) -> AbstractIncomingMessage | None:
+        context = self._contexts.get(delivery.consumer)
+        message = context.unsettled.pop(delivery.delivery_tag, None) if context else None
+        if message is None:
+            _log_stale(delivery, "its consume context is closed or it was already settled")
+        return message
+
+    async def ack(self, delivery: Delivery) -> None:
+        message = self._take(delivery)
+        if message is not None:
+            try:
+                await message.ack()
+            except _LINK_ERRORS as exc:
+                _log_stale(delivery, f"its channel is gone ({type(exc).__name__})")
+
+    async def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
+        message = self._take(delivery)
+        if message is not None:
+            try:
+                await message.nack(requeue=requeue)
+            except _LINK_ERRORS as exc:
+                _log_stale(delivery, f"its channel is gone ({type(exc).__name__})")
+
+    async def retry(
+        self, delivery: Delivery, *, rung: int, error: BaseException, actor: str
+    ) -> None:
+        headers = failure_headers(delivery, error=error, actor=actor)
+        target = retry_queue(delivery.queue, rung)
+        await self.publish(
+            "", target, delivery.body, message_id=delivery.message_id, headers=headers
+        )
+        await self.ack(delivery)
+
+    async def dead_letter(self, delivery: Delivery, *, error: BaseException, actor: str) -> None:
+        headers = failure_headers(delivery, error=error, actor=actor)
+        target = dead_letter_queue(delivery.queue)
+        await self.publish(
+            "", target, delivery.body, message_id=delivery.message_id, headers=headers
+        )
+        await self.ack(delivery)
+
+    # --- dead-letter administration --------------------------------------------------------
+
+    async def list_dead_letters(self, queue: str, limit: int = 100) -> Sequence[DeadLetter]:
+        """Read without removing: get each message unacknowledged, then requeue them all.
+        The broker requeues them near the head, so the DLQ's order may change, and a quorum
+        DLQ counts the redelivery (it has no delivery limit, so nothing is dropped)."""
+        name = dead_letter_queue(queue)
+        async with self._channel() as channel:
+            dlq = await self._passive_queue(channel, name)
+            ready = dlq.declaration_result.message_count or 0
+            messages: list[AbstractIncomingMessage] = []
+            try:
+                while len(messages) < limit:
+                    message = await dlq.get(no_ack=False, fail=False)
+                    if message is None:
+                        break
+                    messages.append(message)
+            finally:
+                await _requeue(messages)
+            await _wait_until_ready(channel, name, ready)
+        return [
+            dead_letter_record(
+                m.message_id or "", header_dict(m.headers), m.body, _broker_reason(m.headers)
+            )
+            for m in messages
+        ]
+
+    async def replay_dead_letters(self, queue: str, message_id: str | None = None) -> int:
+        """Move dead letters back to ``queue`` (all, or those with ``message_id``): each is
+        acknowledged in the DLQ only after its copy in the work queue is confirmed."""
+        name = dead_letter_queue(queue)
+        async with self._channel(confirms=True) as channel:
+            dlq = await self._passive_queue(channel, name)
+            await self._passive_queue(channel, queue)
+            present = dlq.declaration_result.message_count or 0  # bound: new arrivals wait
+            skipped: list[AbstractIncomingMessage] = []
+            moved = 0
+            try:
+                for _ in range(present):
+                    message = await dlq.get(no_ack=False, fail=False)
+                    if message is None:
+                        break
+                    if message_id is not None and message.message_id != message_id:
+                        skipped.append(message)
+                        continue
+                    await _publish_replay(channel, queue, message)
+                    await message.ack()
+                    moved += 1
+            finally:
+                await _requeue(skipped)
+            await _wait_until_ready(channel, name, present - moved)
+        return moved
+
+    async def purge_dead_letters(self, queue: str) -> int:
+        async with self._channel() as channel:
+            dlq = await self._passive_queue(channel, dead_letter_queue(queue))
+            result = await dlq.purge()
+        return int(result.message_count or 0)
+
+    # --- helpers -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _channel(self, *, confirms: bool = False) -> AsyncIterator[AbstractChannel]:
+        """A plain (not robust) channel for one administrative call: a broker error closes
+        it, and nothing tries to restore it."""
+        self._check_open()
+        channel = Channel(self._connection, publisher_confirms=confirms, on_return_raises=confirms)
+        try:
+            await self._connection.ready()
+            await channel.initialize()
+        except _LINK_ERRORS as exc:
+            raise BusUnavailableError(self._where, type(exc).__name__) from exc
+        try:
+            yield channel
+        except AMQPChannelError as exc:  # refusals not translated by the call itself
+            raise BusError(f"the broker at {self._where} refused: {exc}") from exc
+        except _LINK_ERRORS as exc:
+            raise BusUnavailableError(self._where, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            if not channel.is_closed:
+                with anyio.CancelScope(shield=True), contextlib.suppress(*CONNECTION_EXCEPTIONS):
+                    await channel.close()
+
+    @staticmethod
+    async def _passive_queue(channel: AbstractChannel, name: str) -> AbstractQueue:
+        try:
+            return await channel.declare_queue(name, passive=True)
+        except ChannelNotFoundEntity:
+            raise UnknownQueueError(
+                f"queue {name!r} does not exist; declare the bus plan first"
+            ) from None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BusUnavailableError(self._where, "the bus is closed")
+
+    def __repr__(self) -> str:
+        return f"RabbitMQBus({self._where}, connected={self.connected})"
+
+
+async def _declare_queue(
+    channel: AbstractChannel, name: str, arguments: dict[str, Any]
+) -> AbstractQueue:
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
+    except ChannelPreconditionFailed as exc:
+        raise BusError(
+            f"queue {name!r} already exists with other arguments ({exc}); delete it (after "
+            "draining it) or give the new one another name"
+        ) from exc
+
+
+def _forward(
+    send: MemoryObjectSendStream[AbstractIncomingMessage],
+) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        # If the context is being left, closing its channel requeues the message.
+        with contextlib.suppress(anyio.ClosedResourceError):
+            send.send_nowait(message)
+
+    return on_message
+
+
+async def _close_consumer(
+    channel: AbstractRobustChannel, queue: AbstractQueue | None, consumer_tag: str | None
+) -> None:
+    try:
+        if queue is not None and consumer_tag is not None and not channel.is_closed:
+            await queue.cancel(consumer_tag)
+        if channel.is_initialized:
+            await channel.close()
+    except CONNECTION_EXCEPTIONS as exc:  # the broker requeues when the channel dies anyway
+        logger.warning("consumer channel already gone on close: {exc!r}", exc=exc)
+
+
+async def _publish_replay(
+    channel: AbstractChannel, queue: str, message: AbstractIncomingMessage
+) -> None:
+    copy = Message(
+        message.body,
+        headers=dict(replay_headers(header_dict(message.headers))),
+        message_id=message.message_id,
+        delivery_mode=DeliveryMode.PERSISTENT,
+    )
+    try:
+        await channel.default_exchange.publish(copy, queue, mandatory=True)
+    except PublishError:
+        raise UnroutableError("", queue) from None
+    except DeliveryError as exc:
+        raise PublishNotConfirmedError(f"the broker refused replaying to {queue!r}: {exc}") from exc
+
+
+async def _requeue(messages: list[AbstractIncomingMessage]) -> None:
+    """Give messages got without auto-ack back; if the channel is gone, the broker has."""
+    try:
+        for message in messages:
+            await message.nack(requeue=True)
+    except _LINK_ERRORS as exc:
+        logger.warning("could not requeue dead letters ({exc!r}); the broker will", exc=exc)
+
+
+async def _wait_until_ready(channel: AbstractChannel, queue: str, count: int) -> None:
+    """Wait (bounded) until ``queue`` holds ``count`` ready messages again. A quorum queue
+    applies requeues asynchronously: without this, a listing right after a listing or a
+    replay could miss the messages the first one just gave back."""
+    with anyio.move_on_after(_REQUEUE_WAIT):
+        while True:
+            declared = await channel.declare_queue(queue, passive=True)
+            if (declared.declaration_result.message_count or 0) >= count:
+                return
+            await anyio.sleep(0.01)
+
+
+def _log_stale(delivery: Delivery, why: str) -> None:
+    logger.warning(
+        "cannot settle message {id} of {queue}: {why}; unless it was settled before, the "
+        "broker delivers it again",
+        id=delivery.message_id,
+        queue=delivery.queue,
+        why=why,
+    )

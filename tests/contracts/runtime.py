@@ -1,0 +1,284 @@
+"""The message path through a real supervisor: the same tests on the memory bus and on
+RabbitMQ. A backend's module subclasses ``RuntimeContract`` and provides ``bus``."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+
+from runtime.bus.protocol import X_ORDERING_KEY, Bus
+from runtime.errors import EscalationError
+from runtime.observability.metrics import Metrics
+from runtime.store.memory import MemoryEventStore
+from runtime.supervisor import Supervisor
+from runtime.topology import Topology, parse_topology
+from tests.support.workers import ATTEMPTS, HANDLED, REDELIVERED, job
+
+EXCHANGE = "complaints.events"
+
+
+def worker_topology(
+    registry: str,
+    queue: str,
+    *,
+    consumers: int = 1,
+    prefetch: int = 16,
+    max_attempts: int = 3,
+    handler_timeout: str = "5s",
+    max_restarts: int = 10,
+) -> Topology:
+    return parse_topology(
+        f"""
+grace_period: 5s
+defaults:
+  restart: {{min_backoff: 50ms, max_backoff: 200ms, max_restarts: {max_restarts}}}
+  retry: {{delays: [100ms, 300ms], max_attempts: {max_attempts},
+           handler_timeout: {handler_timeout}}}
+actors:
+  worker:
+    kind: subscriber
+    handler: tests.support.workers:Recorder
+    queue: {queue}
+    bind: {{{EXCHANGE}: ["{registry}.#"]}}
+    consumers: {consumers}
+    prefetch: {prefetch}
+    options: {{registry: {registry}}}
+""",
+        source="test",
+    )
+
+
+@asynccontextmanager
+async def running(bus: Bus, topology: Topology) -> AsyncIterator[Supervisor]:
+    await bus.declare(topology.bus_plan())
+    supervisor = Supervisor(
+        topology,
+        store=MemoryEventStore(),
+        bus=bus,
+        metrics=Metrics(),
+        rng=random.Random(1),
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        try:
+            yield supervisor
+        finally:
+            supervisor.stop()
+
+
+async def publish(bus: Bus, registry: str, key: str, seq: int, do: str = "ok", **kw: float) -> None:
+    await bus.publish(
+        EXCHANGE,
+        f"{registry}.{key}",
+        job(key, seq, do, **kw),
+        message_id=f"{key}-{seq}-{uuid.uuid4().hex[:6]}",
+        headers={X_ORDERING_KEY: key},
+    )
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 20.0) -> None:
+    """Poll ``condition`` (state owned by other tasks) until it holds, or fail."""
+    with anyio.fail_after(within):
+        while not condition():  # noqa: ASYNC110 - polling other tasks' state is the point
+            await anyio.sleep(0.02)
+
+
+class RuntimeContract:
+    @pytest.fixture
+    def names(self) -> tuple[str, str]:
+        token = uuid.uuid4().hex[:8]
+        return f"reg{token}", f"q.{token}"
+
+    async def test_each_key_is_handled_in_order_with_four_workers(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        registry, queue = names
+        keys = [f"k{i}" for i in range(8)]
+        async with running(bus, worker_topology(registry, queue, consumers=4)):
+            for seq in range(25):
+                for key in keys:
+                    await publish(bus, registry, key, seq, "sleep", seconds=random.random() / 500)
+            await wait_until(lambda: len(HANDLED[registry]) == 200)
+        for key in keys:
+            assert [s for k, s, _ in HANDLED[registry] if k == key] == list(range(25))
+
+    async def test_a_failing_message_climbs_the_ladder_to_the_dlq_while_others_flow(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        registry, queue = names
+        async with running(bus, worker_topology(registry, queue, max_attempts=3)):
+            await publish(bus, registry, "poison", 0, "fail")
+            for seq in range(10):
+                await publish(bus, registry, "good", seq)
+            await wait_until(lambda: len(HANDLED[registry]) == 10)
+            await wait_until(lambda: len(ATTEMPTS[registry]) == 13)
+            letters = await _wait_dead_letters(bus, queue, 1)
+        poison = [a for k, _, a in ATTEMPTS[registry] if k == "poison"]
+        assert poison == [0, 1, 2]  # first try, then one per rung
+        (letter,) = letters
+        assert letter.error_type == "RuntimeError"
+        assert "always fails" in letter.error
+        assert letter.attempts == 3
+        assert letter.headers["x-actor"] == "worker"
+        assert letter.headers["x-first-failed-at"]
+
+    async def test_reject_and_undecodable_messages_go_straight_to_the_dlq(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        registry, queue = names
+        async with running(bus, worker_topology(registry, queue)):
+            await publish(bus, registry, "r", 0, "reject")
+            await bus.publish(EXCHANGE, f"{registry}.junk", b"{not json", message_id="junk-1")
+            await publish(bus, registry, "after", 0)
+            await wait_until(lambda: len(HANDLED[registry]) == 1)
+            letters = await _wait_dead_letters(bus, queue, 2)
+        by_type = {letter.error_type: letter for letter in letters}
+        assert set(by_type) == {"Reject", "MessageDecodeError"}
+        assert by_type["Reject"].attempts == 1
+        assert "junk-1" in by_type["MessageDecodeError"].error
+        assert len([a for a in ATTEMPTS[registry] if a[0] == "r"]) == 1
+
+    async def test_a_crash_mid_message_redelivers_it_and_it_is_handled_once(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        registry, queue = names
+        async with running(bus, worker_topology(registry, queue)) as supervisor:
+            await publish(bus, registry, "slow", 0, "sleep", seconds=0.5)
+            await wait_until(lambda: len(ATTEMPTS[registry]) == 1)
+            supervisor.crash("worker")
+            await wait_until(lambda: len(HANDLED[registry]) == 1)
+            await wait_until(lambda: supervisor.ready)
+            stats = supervisor.statistics()[0]
+        assert stats.restarts == 1
+        assert "InjectedCrash" in (stats.last_error or "")
+        assert HANDLED[registry] == [("slow", 0, 0)]
+        assert len(ATTEMPTS[registry]) == 2  # interrupted once, then completed once
+
+    async def test_a_handler_timeout_restarts_the_actor_and_retries_the_message(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        registry, queue = names
+        topology = worker_topology(registry, queue, handler_timeout="200ms", max_attempts=2)
+        async with running(bus, topology) as supervisor:
+            await publish(bus, registry, "stuck", 0, "sleep", seconds=30)
+            await publish(bus, registry, "fine", 0)
+            await wait_until(lambda: ("fine", 0, 0) in HANDLED[registry])
+            letters = await _wait_dead_letters(bus, queue, 1)
+            await wait_until(lambda: supervisor.ready)
+            assert supervisor.statistics()[0].restarts >= 1
+        assert letters[0].error_type == "HandlerTimeoutError"
+
+    async def test_an_unavailable_store_requeues_the_message_and_restarts_the_actor(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        registry, queue = names
+        async with running(bus, worker_topology(registry, queue)) as supervisor:
+            await publish(bus, registry, "db", 0, "down")
+            await wait_until(lambda: len(HANDLED[registry]) == 1)
+            assert supervisor.statistics()[0].restarts == 1
+        assert [a for _, _, a in ATTEMPTS[registry]] == [0, 0]  # requeued, not a retry rung
+        assert await bus.list_dead_letters(queue) == []
+
+    async def test_stopping_finishes_in_flight_work_and_loses_nothing(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        registry, queue = names
+        topology = worker_topology(registry, queue, consumers=2, prefetch=8)
+        async with running(bus, topology) as supervisor:
+            for seq in range(40):
+                await publish(bus, registry, f"k{seq % 4}", seq, "sleep", seconds=0.02)
+            await wait_until(lambda: len(HANDLED[registry]) >= 5)
+            supervisor.stop()
+            await wait_until(lambda: supervisor.statistics()[0].state == "stopped")
+        started = {(k, s) for k, s, _ in ATTEMPTS[registry]}
+        done = {(k, s) for k, s, _ in HANDLED[registry]}
+        assert started == done, "an in-flight message was abandoned by the drain"
+        # What was not handled is still in the queue: a new runtime handles exactly the rest.
+        async with running(bus, topology):
+            await wait_until(lambda: len(HANDLED[registry]) >= 40)
+            await anyio.sleep(0.2)
+        handled = sorted(s for _, s, _ in HANDLED[registry])
+        assert handled == list(range(40))
+
+    async def test_rescaling_from_one_to_four_consumers_and_back_loses_nothing(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        registry, queue = names
+        one = worker_topology(registry, queue, consumers=1)
+        four = worker_topology(registry, queue, consumers=4)
+        async with running(bus, one) as supervisor:
+
+            async def producer() -> None:
+                for seq in range(150):
+                    await publish(bus, registry, f"k{seq % 6}", seq, "sleep", seconds=0.002)
+                    if seq % 10 == 0:
+                        await anyio.sleep(0.01)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(producer)
+                await anyio.sleep(0.3)
+                assert (await supervisor.reload(four))["changed"] == ["worker"]
+                await wait_until(lambda: supervisor.statistics()[0].consumers == 4)
+                await anyio.sleep(0.3)
+                await supervisor.reload(one)
+            await wait_until(lambda: len(HANDLED[registry]) >= 150)
+            await anyio.sleep(0.2)
+        handled = [s for _, s, _ in HANDLED[registry]]
+        assert sorted(handled) == list(range(150)), "lost or duplicated across the rescale"
+        # First deliveries keep their key's order. A message the broker hands back when the
+        # old instance's channel closes may come back after a newer one: the bus does not
+        # promise order on redelivery, and consumers that need it heal from the event store.
+        for key in {f"k{i}" for i in range(6)}:
+            seqs = [
+                s
+                for k, s, _ in HANDLED[registry]
+                if k == key and (k, s) not in REDELIVERED[registry]
+            ]
+            assert seqs == sorted(seqs), (key, seqs)
+
+    async def test_too_many_crashes_escalate(self, bus: Bus, names: tuple[str, str]) -> None:
+        registry, queue = names
+        topology = worker_topology(registry, queue, max_restarts=2)
+        await bus.declare(topology.bus_plan())
+        supervisor = Supervisor(
+            topology, store=MemoryEventStore(), bus=bus, metrics=Metrics(), rng=random.Random(2)
+        )
+        escalated: list[EscalationError] = []
+
+        async def run() -> None:
+            try:
+                await supervisor.run()
+            except EscalationError as exc:
+                escalated.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            for _ in range(3):
+                await wait_until(lambda: bool(supervisor.runners))
+                await wait_until(lambda: supervisor.statistics()[0].state == "running")
+                supervisor.crash("worker")
+                await wait_until(
+                    lambda: bool(escalated) or supervisor.statistics()[0].state != "running"
+                )
+            await wait_until(lambda: bool(escalated))
+        assert escalated[0].actor == "worker"
+        assert not supervisor.live
+
+
+async def _wait_dead_letters(bus: Bus, queue: str, count: int) -> list:  # type: ignore[type-arg]
+    letters: list = []  # type: ignore[type-arg]
+
+    def enough() -> bool:
+        return len(letters) >= count
+
+    with anyio.fail_after(20):
+        while not enough():
+            letters = list(await bus.list_dead_letters(queue))
+            if not enough():
+                await anyio.sleep(0.05)
+    return letters

@@ -1,0 +1,64 @@
+"""Handlers for runtime tests. Each test names a registry in the actor's options, and the
+handler records there what it did (so tests can assert exactly-once and order).
+
+Body commands (JSON ``{"key": ..., "seq": ..., "do": ...}``):
+``ok`` handles; ``fail`` raises; ``reject`` raises Reject; ``retry`` raises Retry;
+``sleep`` sleeps ``seconds`` before handling; ``down`` raises StoreUnavailableError once.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import anyio
+import msgspec
+
+from runtime.actor import ActorContext, decode_body
+from runtime.bus.protocol import Delivery
+from runtime.errors import Reject, Retry, StoreUnavailableError
+
+#: registry name -> what was handled (completed only), as (key, seq, attempts)
+HANDLED: defaultdict[str, list[tuple[str, int, int]]] = defaultdict(list)
+#: registry name -> every attempt started, as (key, seq, attempts)
+ATTEMPTS: defaultdict[str, list[tuple[str, int, int]]] = defaultdict(list)
+DOWN_ONCE: set[str] = set()
+#: registry name -> (key, seq) of messages that arrived redelivered at least once
+REDELIVERED: defaultdict[str, set[tuple[str, int]]] = defaultdict(set)
+
+
+class Job(msgspec.Struct, frozen=True):
+    key: str
+    seq: int
+    do: str = "ok"
+    seconds: float = 0.0
+
+
+class Recorder:
+    def __init__(self, context: ActorContext) -> None:
+        self.registry = str(context.options.get("registry", context.name))
+
+    async def handle(self, delivery: Delivery) -> None:
+        job = decode_body(delivery, Job)
+        entry = (job.key, job.seq, delivery.attempts)
+        ATTEMPTS[self.registry].append(entry)
+        if delivery.redelivered:
+            REDELIVERED[self.registry].add((job.key, job.seq))
+        if job.do == "sleep":
+            await anyio.sleep(job.seconds)
+        elif job.do == "fail":
+            raise RuntimeError(f"job {job.key}/{job.seq} always fails")
+        elif job.do == "reject":
+            raise Reject(f"job {job.key}/{job.seq} can never succeed")
+        elif job.do == "retry":
+            raise Retry("asked for a retry")
+        elif job.do == "down":
+            marker = f"{self.registry}/{job.key}/{job.seq}"
+            if marker not in DOWN_ONCE:
+                DOWN_ONCE.add(marker)
+                raise StoreUnavailableError("test-db", "connection refused")
+        HANDLED[self.registry].append(entry)
+
+
+def job(key: str, seq: int, do: str = "ok", seconds: float = 0.0, **extra: Any) -> bytes:
+    return msgspec.json.encode(Job(key, seq, do, seconds))
