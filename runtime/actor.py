@@ -9,8 +9,8 @@ What counts as what:
 - ``Retry`` → the retry ladder; ``Reject`` or a message that cannot be decoded → the DLQ;
 - any other exception → the retry ladder, and the DLQ after ``max_attempts``: a bad
   message is the message's failure, not the actor's;
-- the store or the broker unavailable → the message is requeued and the actor crashes
-  (restart with backoff; messages wait in RabbitMQ meanwhile);
+- the store or the broker unavailable → the message is held and handled again in place
+  with backoff (no requeue, so no delivery-limit count is burned during an outage);
 - the handler overrunning ``handler_timeout`` → the message takes a retry rung and the
   actor crashes, since a stuck handler's state cannot be trusted.
 """
@@ -33,8 +33,10 @@ from loguru import logger
 from runtime.bus.protocol import Bus, Delivery
 from runtime.errors import (
     BusError,
+    BusUnavailableError,
     HandlerTimeoutError,
     MessageDecodeError,
+    PublishNotConfirmedError,
     Reject,
     Retry,
     StoreUnavailableError,
@@ -48,9 +50,16 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: Errors that mean "the infrastructure is down", not "this message is bad".
-INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (StoreUnavailableError, BusError)
-DECODE_ERRORS: tuple[type[BaseException], ...] = (
+#: Errors that mean "the infrastructure is down", not "this message is bad". Other bus
+#: errors (unroutable, unknown exchange) are deterministic: the message's failure.
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    StoreUnavailableError,
+    BusUnavailableError,
+    PublishNotConfirmedError,
+)
+#: Errors after which handling again cannot help: straight to the DLQ.
+DEAD_ON_ARRIVAL: tuple[type[Exception], ...] = (
+    Reject,
     MessageDecodeError,
     msgspec.DecodeError,
     msgspec.ValidationError,
@@ -224,7 +233,7 @@ class QueueActor:
         self._in_flight += 1
         self.hooks.before_handle(ctx.name, delivery)
         started = time.perf_counter()
-        outcome: Outcome = "ack"
+        outcome: Outcome = "requeue"  # unless _handle settles it: a crash requeues it
         error: BaseException | None = None
         try:
             with logger.contextualize(
@@ -247,27 +256,38 @@ class QueueActor:
         ctx = self.context
         bus = ctx.bus
         retry = ctx.spec.retry
-        try:
-            with anyio.fail_after(retry.handler_timeout):
-                await self.handler.handle(delivery)
-        except Reject as exc:
-            await bus.dead_letter(delivery, error=exc, actor=ctx.name)
-            return "dead_letter", exc
-        except DECODE_ERRORS as exc:
-            await bus.dead_letter(delivery, error=exc, actor=ctx.name)
-            return "dead_letter", exc
-        except INFRASTRUCTURE_ERRORS:
-            await _nack_quietly(bus, delivery)
-            raise
-        except TimeoutError as exc:
-            timeout = HandlerTimeoutError(ctx.name, retry.handler_timeout)
-            timeout.__cause__ = exc
-            await self._retry_or_dead_letter(delivery, timeout)
-            raise timeout from exc
-        except Exception as exc:  # noqa: BLE001 - any handler failure is the message's
-            return await self._retry_or_dead_letter(delivery, exc), exc
-        await bus.ack(delivery)
-        return "ack", None
+        outage = 0
+        while True:
+            try:
+                with anyio.move_on_after(retry.handler_timeout) as deadline:
+                    await self.handler.handle(delivery)
+            except DEAD_ON_ARRIVAL as exc:
+                await bus.dead_letter(delivery, error=exc, actor=ctx.name)
+                return "dead_letter", exc
+            except INFRASTRUCTURE_ERRORS as exc:
+                # The store or the broker is down, not this message. Hold the delivery and
+                # try again in place: requeueing it (or crashing, which requeues the whole
+                # mailbox) would count against every message's delivery limit at each
+                # restart and dead-letter innocent messages during a long outage. The rest
+                # of the mailbox waits behind it; a drain or a crash cancels the wait.
+                outage += 1
+                pause = min(30.0, 0.5 * 2 ** min(outage - 1, 6))
+                logger.warning(
+                    "actor {actor}: {error!r}; holding the message, retry in {pause:g}s",
+                    actor=ctx.name,
+                    error=exc,
+                    pause=pause,
+                )
+                await anyio.sleep(pause)
+                continue
+            except Exception as exc:  # noqa: BLE001 - any other handler failure is the message's
+                return await self._retry_or_dead_letter(delivery, exc), exc
+            if deadline.cancelled_caught:
+                timeout = HandlerTimeoutError(ctx.name, retry.handler_timeout)
+                await self._retry_or_dead_letter(delivery, timeout)
+                raise timeout
+            await bus.ack(delivery)
+            return "ack", None
 
     async def _retry_or_dead_letter(self, delivery: Delivery, error: BaseException) -> Outcome:
         ctx = self.context
@@ -283,17 +303,6 @@ class QueueActor:
             rung = longer[0] if longer else len(policy.delays)
         await ctx.bus.retry(delivery, rung=rung, error=error, actor=ctx.name)
         return "retry"
-
-
-async def _nack_quietly(bus: Bus, delivery: Delivery) -> None:
-    try:
-        await bus.nack(delivery, requeue=True)
-    except BusError as exc:
-        logger.warning(
-            "could not requeue {id} ({exc}); the broker will redeliver it",
-            id=delivery.message_id,
-            exc=exc,
-        )
 
 
 @dataclass

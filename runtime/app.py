@@ -92,4 +92,8 @@ async def _reload(supervisor: Supervisor, path: Path) -> None:
     except MagasinError as exc:
         logger.error("SIGHUP: topology not reloaded, the running one stays: {exc}", exc=exc)
         return
-    await supervisor.reload(topology)
+    try:
+        await supervisor.reload(topology)
+    except MagasinError as exc:
+        # e.g. a queue whose arguments changed cannot be redeclared: nothing was touched
+        logger.error("SIGHUP: topology not applied, the running one stays: {exc}", exc=exc)

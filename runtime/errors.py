@@ -211,9 +211,9 @@ class EscalationError(ActorError):
         self.window = window
         self.last_error = last_error
         super().__init__(
-            f"actor {actor!r} restarted {restarts} times within {window:g}s (last error: "
-            f"{last_error}); restarting is not helping, so the runtime stops. Fix the cause, "
-            "or raise restart.max_restarts / restart.window in the topology"
+            f"actor {actor!r} restarted {restarts} times within {window:g}s or in a row "
+            f"(last error: {last_error}); restarting is not helping, so the runtime stops. "
+            "Fix the cause, or raise restart.max_restarts / restart.window in the topology"
         )
 
 

@@ -115,8 +115,11 @@ class ActorRunner:
         """Drain the instance (finish in-flight within the grace period) and end the loop."""
         self._stopping = True
         self._wake.set()
-        if self._instance is not None and self.state == "running":
-            self._set_state("stopping")
+        if self._instance is not None:
+            # Whatever its state: an instance still starting must not start running after
+            # the stop was asked for (drain before run is remembered by the instance).
+            if self.state == "running":
+                self._set_state("stopping")
             self._instance.drain()
         await self.done.wait()
 
@@ -135,10 +138,17 @@ class ActorRunner:
                     restart = 0
                 restart += 1
                 self.restarts += 1
-                if self.intensity.record(self._clock()):
+                # Two ways restarting is not helping: too many in the window, or (with a
+                # backoff that spreads them past any window) too many in a row without one
+                # healthy run of reset_after seconds.
+                in_window = self.intensity.record(self._clock())
+                if in_window or restart > self.spec.restart.max_restarts:
                     self._set_state("failed")
                     reason = EscalationError(
-                        self.name, self.intensity.recent, self.intensity.window, self.last_error
+                        self.name,
+                        max(self.intensity.recent, restart),
+                        self.intensity.window,
+                        self.last_error,
                     )
                     self._hooks.on_escalation(self.name, str(reason))
                     raise reason
@@ -171,12 +181,16 @@ class ActorRunner:
 
     async def _run_instance(self, started: _Once) -> BaseException | None:
         """Run one instance to its end; returns the crash, or None for a normal exit."""
-        self._instance = self._make_instance()
         self._injected = None
         error: BaseException | None = None
         with anyio.CancelScope() as scope:
             self._scope = scope
             try:
+                # Building the handler is part of the start: a constructor that raises is
+                # this actor's crash, not the runtime's.
+                self._instance = self._make_instance()
+                if self.stop_requested():
+                    self._instance.drain()
                 async with anyio.create_task_group() as tg:
                     await tg.start(self._instance.run)
                     self._set_state("running")
@@ -347,7 +361,7 @@ class Supervisor:
     # --- instances ---------------------------------------------------------------------------
 
     def _default_instance(self, name: str, spec: ActorSpec) -> ActorInstance:
-        from runtime.builtins import resolve_handler  # noqa: PLC0415
+        from runtime.topology import resolve_handler  # noqa: PLC0415
 
         context = ActorContext(
             name=name,

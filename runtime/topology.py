@@ -296,27 +296,40 @@ def parse_topology(
     _check(topology, context)
     if check_handlers:
         for actor in topology.actors.values():
-            if actor.handler is not None:
-                try:
-                    resolve_handler(actor)
-                except TopologyError as exc:
-                    raise context.error(("actors", actor.name, "handler"), exc.reason) from exc
+            try:
+                resolve_handler(actor)
+            except TopologyError as exc:
+                raise context.error(("actors", actor.name, "handler"), exc.reason) from exc
     return topology
 
 
+#: Kinds the runtime implements itself when the topology names no handler.
+BUILTIN_HANDLERS = {
+    "gateway": "runtime.http:Gateway",
+    "relay": "runtime.relay:Relay",
+}
+
+
+def handler_path(spec: ActorSpec) -> str | None:
+    """The dotted path of the actor's code: its ``handler``, or the kind's built-in."""
+    return spec.handler or BUILTIN_HANDLERS.get(spec.kind)
+
+
 def resolve_handler(spec: ActorSpec) -> Any:
-    """Import the object ``spec.handler`` names (``package.module:Attribute``)."""
+    """Import the object the actor's handler path names (``package.module:Attribute``):
+    the class (or factory) called with an ``ActorContext`` to make the actor's handler."""
     path = f"actors.{spec.name}.handler"
-    if spec.handler is None:
+    handler = handler_path(spec)
+    if handler is None:
         raise TopologyError(f"the {spec.kind} actor names no handler", path=path)
-    module_name, _, attribute = spec.handler.partition(":")
+    module_name, _, attribute = handler.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise TopologyError(f"cannot import {spec.handler!r}: {exc}", path=path) from exc
+        raise TopologyError(f"cannot import {handler!r}: {exc}", path=path) from exc
     except Exception as exc:  # importing user code can raise anything
         raise TopologyError(
-            f"cannot import {spec.handler!r}: importing {module_name!r} raised "
+            f"cannot import {handler!r}: importing {module_name!r} raised "
             f"{type(exc).__name__}: {exc}",
             path=path,
         ) from exc
@@ -325,8 +338,7 @@ def resolve_handler(spec: ActorSpec) -> Any:
             target = getattr(target, part)
         except AttributeError:
             raise TopologyError(
-                f"cannot import {spec.handler!r}: module {module_name!r} has no attribute "
-                f"{attribute!r}",
+                f"cannot import {handler!r}: module {module_name!r} has no attribute {attribute!r}",
                 path=path,
             ) from None
     return target
@@ -872,7 +884,7 @@ def _plan_lines(topology: Topology) -> Iterator[str]:
 def _actor_lines(actor: ActorSpec) -> Iterator[str]:
     restart, retry = actor.restart, actor.retry
     yield f"  {actor.name} ({actor.kind})"
-    yield f"    handler:  {actor.handler or 'built-in'}"
+    yield f"    handler:  {actor.handler or f'built-in ({handler_path(actor)})'}"
     if not actor.consumes:
         yield f"    restart:  {_restart_text(restart)}"
         return

@@ -204,8 +204,13 @@ class PostgresEventStore:
                 try:
                     async with self._pool.connection() as conn:
                         result = await work(conn)
+                except pg_errors.QueryCanceled as exc:
+                    # statement_timeout: this request is too slow, the database is fine
+                    raise StoreError(
+                        f"{operation} took longer than statement_timeout: {exc}"
+                    ) from exc
                 except (psycopg.OperationalError, PoolTimeout) as exc:
-                    if attempt == 2 or isinstance(exc, pg_errors.QueryCanceled):
+                    if attempt == 2:
                         raise StoreUnavailableError(describe_dsn(self._dsn), exc) from exc
                     logger.warning(
                         "event store connection lost during {op} ({exc}); checking the pool "
@@ -498,7 +503,7 @@ def connection_string(
         part
         for part in (
             str(parts.get("options") or ""),
-            f"-c search_path={schema}",
+            f"-c search_path={_option_value(schema)}",
             f"-c statement_timeout={statement_timeout_ms}",
             f"-c idle_in_transaction_session_timeout={idle_in_transaction_timeout_ms}",
         )
@@ -507,6 +512,12 @@ def connection_string(
     parts["options"] = options
     parts.setdefault("application_name", "magasin")
     return make_conninfo(**{k: str(v) for k, v in parts.items()})
+
+
+def _option_value(value: str) -> str:
+    """A value inside libpq's ``options``: spaces and backslashes escaped, so a schema name
+    cannot smuggle in another ``-c`` setting."""
+    return value.replace("\\", "\\\\").replace(" ", "\\ ")
 
 
 def _first_connect_error(dsn: str, exc: BaseException) -> str:

@@ -173,16 +173,32 @@ class RuntimeContract:
             assert supervisor.statistics()[0].restarts >= 1
         assert letters[0].error_type == "HandlerTimeoutError"
 
-    async def test_an_unavailable_store_requeues_the_message_and_restarts_the_actor(
+    async def test_an_unavailable_store_holds_the_message_and_handles_it_again(
         self, bus: Bus, names: tuple[str, str]
     ) -> None:
+        """An outage is not the message's fault: no retry rung, no requeue (which would
+        burn its delivery limit), no restart; the same delivery is handled again."""
         registry, queue = names
         async with running(bus, worker_topology(registry, queue)) as supervisor:
             await publish(bus, registry, "db", 0, "down")
             await wait_until(lambda: len(HANDLED[registry]) == 1)
-            assert supervisor.statistics()[0].restarts == 1
-        assert [a for _, _, a in ATTEMPTS[registry]] == [0, 0]  # requeued, not a retry rung
+            assert supervisor.statistics()[0].restarts == 0
+        assert [a for _, _, a in ATTEMPTS[registry]] == [0, 0]
+        assert REDELIVERED[registry] == set()
         assert await bus.list_dead_letters(queue) == []
+
+    async def test_an_unroutable_publish_is_the_messages_failure_not_the_actors(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        registry, queue = names
+        async with running(bus, worker_topology(registry, queue, max_attempts=2)) as supervisor:
+            await publish(bus, registry, "lost", 0, "unroutable")
+            await publish(bus, registry, "fine", 0)
+            letters = await _wait_dead_letters(bus, queue, 1)
+            await wait_until(lambda: ("fine", 0, 0) in HANDLED[registry])
+            assert supervisor.statistics()[0].restarts == 0
+        assert letters[0].error_type == "UnroutableError"
+        assert letters[0].attempts == 2
 
     async def test_stopping_finishes_in_flight_work_and_loses_nothing(
         self, bus: Bus, names: tuple[str, str]

@@ -3,7 +3,8 @@ handler records there what it did (so tests can assert exactly-once and order).
 
 Body commands (JSON ``{"key": ..., "seq": ..., "do": ...}``):
 ``ok`` handles; ``fail`` raises; ``reject`` raises Reject; ``retry`` raises Retry;
-``sleep`` sleeps ``seconds`` before handling; ``down`` raises StoreUnavailableError once.
+``sleep`` sleeps ``seconds`` before handling; ``down`` raises StoreUnavailableError once;
+``unroutable`` publishes a mandatory message no queue is bound for.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Job(msgspec.Struct, frozen=True):
 class Recorder:
     def __init__(self, context: ActorContext) -> None:
         self.registry = str(context.options.get("registry", context.name))
+        self.bus = context.bus
 
     async def handle(self, delivery: Delivery) -> None:
         job = decode_body(delivery, Job)
@@ -52,6 +54,10 @@ class Recorder:
             raise Reject(f"job {job.key}/{job.seq} can never succeed")
         elif job.do == "retry":
             raise Retry("asked for a retry")
+        elif job.do == "unroutable":
+            await self.bus.publish(
+                "complaints.events", "nowhere.bound", b"{}", message_id=delivery.message_id
+            )
         elif job.do == "down":
             marker = f"{self.registry}/{job.key}/{job.seq}"
             if marker not in DOWN_ONCE:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import anyio
@@ -370,3 +371,120 @@ async def test_reload_restarts_changed_actors_only() -> None:
         supervisor.stop()
     assert starts == ["kept/1", "changed/1", "removed/1", "changed/4", "added/1"]
     assert bus.declared == 1
+
+
+# --- regressions found in review ------------------------------------------------------------
+
+
+class SlowStart(Scripted):
+    """Takes a while (real time) to be ready, like a consumer waiting for the broker."""
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None:
+        with anyio.move_on_after(0.3):
+            await self.drained.wait()
+        if self.drained.is_set():
+            return  # drained before it was ready: never starts running
+        await super().run(task_status=task_status)
+
+
+async def test_stopping_an_actor_that_is_still_starting_does_not_hang() -> None:
+    clock = FakeClock()
+    spec = topology(service("slow")).actors["slow"]
+    slow = runner(spec, lambda: SlowStart("forever", clock), clock)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(slow.run)
+        await anyio.sleep(0.05)
+        assert slow.state == "starting"
+        with anyio.fail_after(5):
+            await slow.stop()
+    assert slow.state == "stopped"
+
+
+async def test_restarts_spread_wider_than_the_window_still_escalate() -> None:
+    """A backoff longer than the window never puts max_restarts in one window; the
+    consecutive count (reset only by a healthy run) escalates instead of spinning."""
+    clock = FakeClock()
+    spec = parse_topology(
+        "defaults:\n"
+        "  restart: {min_backoff: 20s, max_backoff: 20s, jitter: 0, window: 5s,"
+        " max_restarts: 3}\n"
+        "actors:\n" + service("spread"),
+        check_handlers=False,
+    ).actors["spread"]
+    spread = runner(spec, lambda: Scripted("crash", clock), clock)
+    with pytest.raises(EscalationError, match="in a row"):
+        await spread.run()
+    assert spread.delays == [20, 20, 20]
+
+
+async def test_a_handler_constructor_that_raises_crashes_only_its_actor() -> None:
+    clock = FakeClock()
+    topo = topology(service("steady") + service("broken"))
+    attempts = {"broken": 0}
+
+    def make(name: str, spec: ActorSpec) -> Scripted:
+        if name == "broken":
+            attempts["broken"] += 1
+            if attempts["broken"] <= 2:
+                raise ValueError("option 'x' missing")
+        return Scripted("forever", clock)
+
+    supervisor = Supervisor(
+        topo,
+        store=MemoryEventStore(),
+        bus=NoBus(),  # type: ignore[arg-type]
+        metrics=Metrics(),
+        hooks=Hooks(),
+        clock=clock,
+        sleep=clock.sleep,
+        make_instance=make,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        with anyio.fail_after(5):
+            while not supervisor.ready:
+                await anyio.lowlevel.checkpoint()
+        stats = {s.name: s for s in supervisor.statistics()}
+        assert stats["broken"].restarts == 2
+        assert "option 'x' missing" in (stats["broken"].last_error or "")
+        assert stats["steady"].restarts == 0
+        supervisor.stop()
+
+
+class RefusingBus(DeclaringBus):
+    async def declare(self, plan: object) -> None:
+        from runtime.errors import BusError  # noqa: PLC0415
+
+        raise BusError("queue 'q' already exists with other settings")
+
+
+async def test_a_reload_the_broker_refuses_keeps_the_running_topology(tmp_path: Path) -> None:
+    from runtime.app import _reload  # noqa: PLC0415
+
+    clock = FakeClock()
+    topo = topology(service("kept"))
+    (tmp_path / "t.yaml").write_text("actors:\n  other: {kind: service, handler: x:Y}\n")
+    supervisor = Supervisor(
+        topo,
+        store=MemoryEventStore(),
+        bus=RefusingBus(),  # type: ignore[arg-type]
+        metrics=Metrics(),
+        hooks=Hooks(),
+        clock=clock,
+        sleep=clock.sleep,
+        make_instance=lambda name, spec: Scripted("forever", clock),
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        import runtime.app as app  # noqa: PLC0415
+        from runtime.topology import load_topology  # noqa: PLC0415
+
+        original = app.load_topology
+        app.load_topology = lambda path: load_topology(path, check_handlers=False)  # type: ignore[assignment]
+        try:
+            await _reload(supervisor, tmp_path / "t.yaml")
+        finally:
+            app.load_topology = original
+        assert [s.name for s in supervisor.statistics()] == ["kept"]
+        assert supervisor.ready
+        supervisor.stop()
