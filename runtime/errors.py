@@ -113,6 +113,14 @@ class UpcastError(EventDecodeError):
     """An upcaster raised or returned something that is not a JSON object."""
 
 
+class LeaseLostError(StoreError):
+    """A leader lease was lost: another process may hold it now."""
+
+    def __init__(self, name: str, cause: BaseException | str) -> None:
+        self.name = name
+        super().__init__(f"lost the lease {name!r} ({cause}); another process may lead now")
+
+
 class MigrationError(StoreError):
     """A schema migration failed; the database is left at the previous version."""
 

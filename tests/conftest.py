@@ -38,3 +38,13 @@ async def pg_store(
     )
     yield store
     await store.close()
+
+
+@pytest.fixture
+async def pg_dsn_schema_store(
+    pg_dsn: str, pg_schema: str, pg_store: PostgresEventStore
+) -> AsyncIterator[PostgresEventStore]:
+    """A second store on the same schema: what another runtime process would hold."""
+    store = await PostgresEventStore.connect(pg_dsn, schema=pg_schema, poll_interval=0.5)
+    yield store
+    await store.close()

@@ -78,6 +78,26 @@ class Metrics:
             "Messages sent to a dead-letter queue, by reason.",
             registry=r,
         )
+        # --- relay ---
+        self.events_published_total = Counter(
+            "events_published_total",
+            "Events the relay published and the broker confirmed, by exchange and type.",
+            registry=r,
+        )
+        self.event_publishing_duration_seconds = Histogram(
+            "event_publishing_duration_seconds",
+            "From the event's commit to the broker's publish confirm.",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.relay_lag_events = Gauge(
+            "magasin_relay_lag_events",
+            "Store head position minus the relay's checkpoint position.",
+            registry=r,
+        )
+        self.projection_updates_total = Counter(
+            "projection_updates_total", "Events applied to read models, by projection.", registry=r
+        )
         self.runtime_ready = Gauge(
             "magasin_runtime_ready", "1 when every actor consumes, else 0.", registry=r
         )

@@ -8,7 +8,8 @@ atomic; each append is one "transaction" with its own ``tx_id``.
 from __future__ import annotations
 
 import bisect
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from uuid import UUID
 
 import anyio
@@ -19,6 +20,7 @@ from runtime.store.protocol import (
     AppendResult,
     Checkpoint,
     EncodedEvent,
+    Lease,
     NewEvent,
     RecordedEvent,
     Snapshot,
@@ -40,6 +42,8 @@ class MemoryEventStore:
         self._streams: dict[str, list[RecordedEvent]] = {}
         self._commands: dict[UUID, AppendResult] = {}
         self._snapshots: dict[str, Snapshot] = {}
+        self._checkpoints: dict[str, Checkpoint] = {}
+        self._leases: dict[str, anyio.Lock] = {}
         self._tx = 0
         self._bytes = 0
         self._appended = anyio.Event()
@@ -137,7 +141,7 @@ class MemoryEventStore:
 
     async def subscribe(
         self, after: Checkpoint = Checkpoint.START, batch_size: int = 500
-    ) -> AsyncIterator[list[RecordedEvent]]:
+    ) -> AsyncGenerator[list[RecordedEvent], None]:
         checkpoint = after
         while True:
             wake = self._appended
@@ -162,6 +166,18 @@ class MemoryEventStore:
             return None
         return snapshot
 
+    async def load_checkpoint(self, name: str) -> Checkpoint:
+        return self._checkpoints.get(name, Checkpoint.START)
+
+    async def save_checkpoint(self, name: str, checkpoint: Checkpoint) -> None:
+        self._checkpoints[name] = max(checkpoint, self._checkpoints.get(name, Checkpoint.START))
+
+    @asynccontextmanager
+    async def leader_lease(self, name: str) -> AsyncIterator[Lease]:
+        lock = self._leases.setdefault(name, anyio.Lock())
+        async with lock:
+            yield _HeldLease()
+
     async def statistics(self) -> StoreStatistics:
         return StoreStatistics(
             event_count=len(self._events),
@@ -175,6 +191,13 @@ class MemoryEventStore:
 
     def __repr__(self) -> str:
         return f"MemoryEventStore(events={len(self._events)})"
+
+
+class _HeldLease:
+    """In one process the lease cannot be lost."""
+
+    async def check(self) -> None:
+        return None
 
 
 def _result(stream: StreamId, recorded: list[RecordedEvent], *, replayed: bool) -> AppendResult:

@@ -13,7 +13,7 @@ trivially, appends because a retried append is answered from the first result.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 from uuid import UUID
@@ -30,6 +30,7 @@ from runtime.errors import (
     ConcurrencyError,
     ConfigurationError,
     InvalidAppendError,
+    LeaseLostError,
     StoreError,
     StoreUnavailableError,
 )
@@ -39,6 +40,7 @@ from runtime.store.protocol import (
     AppendResult,
     Checkpoint,
     EncodedEvent,
+    Lease,
     NewEvent,
     RecordedEvent,
     Snapshot,
@@ -125,6 +127,7 @@ class PostgresEventStore:
         self._schema = schema
         self._metrics = metrics
         self._poll_interval = poll_interval
+        self._lease_retry = 1.0
         self.channel = f"event_store_{schema}"
 
     @classmethod
@@ -354,7 +357,7 @@ class PostgresEventStore:
 
     async def subscribe(
         self, after: Checkpoint = Checkpoint.START, batch_size: int = 500
-    ) -> AsyncIterator[list[RecordedEvent]]:
+    ) -> AsyncGenerator[list[RecordedEvent], None]:
         checkpoint = after
         async with self._listener() as wait_for_append:
             while True:
@@ -448,6 +451,70 @@ class PostgresEventStore:
 
         return await self._run("load_snapshot", work)
 
+    # --- checkpoints and leadership -----------------------------------------------------
+
+    async def load_checkpoint(self, name: str) -> Checkpoint:
+        async def work(conn: AsyncConn) -> Checkpoint:
+            cur = await conn.execute(
+                "SELECT tx_id::text AS tx_text, position FROM magasin_checkpoints WHERE name = %s",
+                (name,),
+            )
+            row = await cur.fetchone()
+            return Checkpoint(int(row[0]), int(row[1])) if row else Checkpoint.START
+
+        return await self._run("load_checkpoint", work)
+
+    async def save_checkpoint(self, name: str, checkpoint: Checkpoint) -> None:
+        async def work(conn: AsyncConn) -> None:
+            await conn.execute(
+                """INSERT INTO magasin_checkpoints (name, tx_id, position)
+                   VALUES (%s, %s::text::xid8, %s)
+                   ON CONFLICT (name) DO UPDATE
+                      SET tx_id = excluded.tx_id, position = excluded.position,
+                          updated_at = now()
+                    WHERE (magasin_checkpoints.tx_id, magasin_checkpoints.position)
+                        < (excluded.tx_id, excluded.position)""",
+                (name, str(checkpoint.tx_id), checkpoint.position),
+            )
+
+        await self._run("save_checkpoint", work)
+
+    @asynccontextmanager
+    async def leader_lease(self, name: str) -> AsyncIterator[Lease]:
+        """A session advisory lock on a connection of its own: released by PostgreSQL the
+        moment the holder dies or its connection is cut, so a standby takes over within
+        ``lease_retry`` seconds. The holder finds out at its next ``check()``."""
+        key = f"magasin.lease.{self._schema}.{name}"
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+            except psycopg.OperationalError as exc:
+                logger.warning("lease {name}: cannot connect ({exc}); retrying", name=name, exc=exc)
+                await anyio.sleep(self._lease_retry)
+                continue
+            try:
+                while True:
+                    cur = await conn.execute(
+                        "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)
+                    )
+                    row = await cur.fetchone()
+                    if row and row[0]:
+                        break
+                    await anyio.sleep(self._lease_retry)
+            except psycopg.OperationalError as exc:
+                logger.warning(
+                    "lease {name}: connection lost ({exc}); retrying", name=name, exc=exc
+                )
+                await conn.close()
+                continue
+            break
+        logger.info("lease {name} acquired", name=name)
+        try:
+            yield _PostgresLease(name, conn)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await conn.close()  # closing the session releases the lock
+
     # --- figures ---------------------------------------------------------------------------
 
     async def statistics(self) -> StoreStatistics:
@@ -482,6 +549,18 @@ class PostgresEventStore:
 
     def __repr__(self) -> str:
         return f"PostgresEventStore({describe_dsn(self._dsn)}, schema={self._schema!r})"
+
+
+class _PostgresLease:
+    def __init__(self, name: str, conn: AsyncConn) -> None:
+        self.name = name
+        self._conn = conn
+
+    async def check(self) -> None:
+        try:
+            await self._conn.execute("SELECT 1")
+        except psycopg.Error as exc:
+            raise LeaseLostError(self.name, exc) from exc
 
 
 def connection_string(

@@ -8,7 +8,8 @@ first, so a reader never skips an event whose transaction committed after a late
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import ClassVar, Protocol, runtime_checkable
 from uuid import UUID, uuid4
@@ -140,6 +141,12 @@ class StoreStatistics(msgspec.Struct, frozen=True):
     oldest_transaction_age_seconds: float = 0.0
 
 
+class Lease(Protocol):
+    async def check(self) -> None:
+        """Raise ``LeaseLostError`` if the lease was lost (e.g. its connection died)."""
+        ...
+
+
 @runtime_checkable
 class EventStore(Protocol):
     """The store's whole surface. Both backends pass ``tests/contracts/store.py``."""
@@ -179,12 +186,25 @@ class EventStore(Protocol):
 
     def subscribe(
         self, after: Checkpoint = Checkpoint.START, batch_size: int = 500
-    ) -> AsyncIterator[list[RecordedEvent]]:
+    ) -> AsyncGenerator[list[RecordedEvent], None]:
         """Batches from ``after`` on, forever: woken by appends, polling as the fallback."""
         ...
 
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         """Keep ``snapshot`` unless a newer one for the stream is already stored."""
+        ...
+
+    async def load_checkpoint(self, name: str) -> Checkpoint:
+        """Where reader ``name`` got to (``Checkpoint.START`` if it never saved one)."""
+        ...
+
+    async def save_checkpoint(self, name: str, checkpoint: Checkpoint) -> None:
+        """Record ``checkpoint`` for ``name``; a checkpoint never moves backwards."""
+        ...
+
+    def leader_lease(self, name: str) -> AbstractAsyncContextManager[Lease]:
+        """Wait until this process holds the lease ``name`` (one holder across every
+        process on the store), and hold it for the ``async with`` block."""
         ...
 
     async def load_snapshot(self, stream: StreamId) -> Snapshot | None: ...

@@ -372,6 +372,45 @@ class EventStoreContract:
         assert msgspec.json.decode(loaded.state) == {"balance": 12}
         assert await store.load_snapshot(StreamId("basket", stream.aggregate_id)) is None
 
+    async def test_a_checkpoint_never_moves_backwards(self, store: EventStore) -> None:
+        assert await store.load_checkpoint("relay") == Checkpoint.START
+        await store.save_checkpoint("relay", Checkpoint(10, 40))
+        await store.save_checkpoint("relay", Checkpoint(9, 99))  # a stale writer
+        await store.save_checkpoint("other", Checkpoint(1, 1))
+        assert await store.load_checkpoint("relay") == Checkpoint(10, 40)
+        await store.save_checkpoint("relay", Checkpoint(10, 41))
+        assert await store.load_checkpoint("relay") == Checkpoint(10, 41)
+        assert await store.load_checkpoint("other") == Checkpoint(1, 1)
+
+    async def test_a_lease_has_one_holder_at_a_time(self, store: EventStore) -> None:
+        holders: list[str] = []
+        second_waiting = anyio.Event()
+        release_first = anyio.Event()
+
+        async def hold(name: str, release: anyio.Event) -> None:
+            if name == "second":
+                second_waiting.set()
+            async with store.leader_lease("relay") as lease:
+                await lease.check()
+                holders.append(name)
+                await release.wait()
+                holders.append(f"{name} done")
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hold, "first", release_first)
+                while not holders:  # noqa: ASYNC110 - polling the other task's list
+                    await anyio.sleep(0.01)
+                tg.start_soon(hold, "second", anyio.Event())
+                await second_waiting.wait()
+                await anyio.sleep(1.5)  # longer than the lease's retry interval
+                assert holders == ["first"], "two holders at once"
+                release_first.set()
+                while len(holders) < 3:  # noqa: ASYNC110 - polling the other task's list
+                    await anyio.sleep(0.01)
+                assert holders == ["first", "first done", "second"]
+                tg.cancel_scope.cancel()
+
     async def test_statistics_follow_the_store(self, store: EventStore) -> None:
         result = await store.append(ledger(), [new(Opened("a")), new(Deposited(1))], 0)
         stats = await store.statistics()

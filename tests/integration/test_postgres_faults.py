@@ -292,3 +292,33 @@ class TestOldShapes:
         assert [e.event_type for e in envelopes] == ["Opened", "Renamed", "Renamed"]
         assert {e.metadata.schema_version for e in envelopes[1:]} == {3}
         assert CODEC.event_types == ["Deposited", "Opened", "Renamed", "Withdrawn"]
+
+
+class TestLeases:
+    async def test_a_lease_whose_connection_dies_is_lost_and_taken_over(
+        self, pg_store: PostgresEventStore, pg_dsn: str, pg_dsn_schema_store: PostgresEventStore
+    ) -> None:
+        """Another process's store takes the lease once the holder's session is cut; the
+        old holder learns it at its next check."""
+        from runtime.errors import LeaseLostError  # noqa: PLC0415
+
+        standby_acquired = anyio.Event()
+
+        async def standby() -> None:
+            async with pg_dsn_schema_store.leader_lease("relay"):
+                standby_acquired.set()
+                await anyio.sleep_forever()
+
+        with anyio.fail_after(20):
+            async with (
+                pg_store.leader_lease("relay") as lease,
+                anyio.create_task_group() as tg,
+            ):
+                tg.start_soon(standby)
+                await anyio.sleep(1.2)
+                assert not standby_acquired.is_set()
+                assert terminate_backends(pg_dsn) >= 1
+                await standby_acquired.wait()
+                with pytest.raises(LeaseLostError, match="relay"):
+                    await lease.check()
+                tg.cancel_scope.cancel()

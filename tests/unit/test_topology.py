@@ -46,7 +46,7 @@ def projection(extra: str = "") -> str:
 def test_the_default_topology_yaml_loads_with_its_handlers_checked() -> None:
     topology = load_topology(DEFAULT_FILE, env={})
 
-    assert list(topology.actors) == ["gateway"]  # the relay joins with issue 4
+    assert list(topology.actors) == ["relay", "gateway"]
     assert topology.database_url == "memory://"
     assert topology.amqp_url == "memory://"
     assert topology.http.port == 8080
@@ -649,8 +649,8 @@ def test_magasin_check_prints_the_plan_of_a_valid_topology() -> None:
     result = run_check("topology.yaml")
 
     assert result.returncode == 0, result.stderr
-    assert "gateway (gateway)" in result.stdout
-    assert "gateway (gateway)" in result.stdout
+    assert "relay (relay)" in result.stdout
+    assert "relay (relay)" in result.stdout
     assert "complaints.events" in result.stdout
 
 

@@ -1,0 +1,114 @@
+"""The relay: tails the event store and publishes every event to its domain's exchange.
+
+No dual write: the command side only appends; the relay publishes what was committed. It
+reads in checkpoint order (never skipping a late commit), publishes a batch with pipelined
+publisher confirms (mandatory: an unroutable event is a failure), and only then saves the
+checkpoint. A crash anywhere replays from the checkpoint: duplicates downstream are
+possible (consumers deduplicate), losses are not.
+
+One relay leads across every runtime process: it holds a lease on the store (a PostgreSQL
+advisory lock). The others wait as standbys and take over within about a second when the
+leader dies or loses its connection; the old leader checks its lease before every
+checkpoint and stops when it has lost it.
+
+Options (``actors.relay.options``): ``checkpoint`` (name, default ``relay``),
+``batch_size`` (default 500), ``max_in_flight`` (publishes awaiting confirms, default 256).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+from loguru import logger
+
+from runtime.actor import ActorContext
+from runtime.errors import ConfigurationError
+from runtime.messages import encode_event, event_headers, routing_key
+from runtime.store.protocol import Checkpoint, Lease, RecordedEvent
+
+
+class Relay:
+    def __init__(self, context: ActorContext) -> None:
+        options: dict[str, Any] = context.options
+        self.context = context
+        self.name = str(options.get("checkpoint", "relay"))
+        self.batch_size = int(options.get("batch_size", 500))
+        self.max_in_flight = int(options.get("max_in_flight", 256))
+        self.domains = dict(context.topology.domains)
+        self.leading = False
+        self.published = 0
+        self.checkpoint = Checkpoint.START
+        self._limiter = anyio.CapacityLimiter(self.max_in_flight)
+        self._last_lag_update = 0.0
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None:
+        """Ready at once (a standby is healthy); publishes only while holding the lease."""
+        task_status.started()
+        store = self.context.store
+        async with store.leader_lease(f"relay:{self.name}") as lease:
+            self.leading = True
+            self.checkpoint = await store.load_checkpoint(self.name)
+            logger.info(
+                "relay {name} leads, from checkpoint {checkpoint}",
+                name=self.name,
+                checkpoint=self.checkpoint,
+            )
+            try:
+                async with aclosing(store.subscribe(self.checkpoint, self.batch_size)) as batches:
+                    async for batch in batches:
+                        await self._relay(batch, lease)
+            finally:
+                self.leading = False
+
+    async def _relay(self, batch: list[RecordedEvent], lease: Lease) -> None:
+        async with anyio.create_task_group() as tg:
+            for record in batch:
+                await self._limiter.acquire_on_behalf_of(record.event_id)
+                tg.start_soon(self._publish, record)
+        # Every event of the batch is confirmed by the broker: only now may the
+        # checkpoint move, and only if this process still leads.
+        await lease.check()
+        self.checkpoint = batch[-1].checkpoint
+        await self.context.store.save_checkpoint(self.name, self.checkpoint)
+        self.published += len(batch)
+        await self._update_lag()
+
+    async def _publish(self, record: RecordedEvent) -> None:
+        try:
+            exchange = self.domains.get(record.aggregate_type)
+            if exchange is None:
+                raise ConfigurationError(
+                    f"the relay has no exchange for aggregate type {record.aggregate_type!r} "
+                    f"(event {record.event_id}); map it under `domains:` in the topology"
+                )
+            await self.context.bus.publish(
+                exchange,
+                routing_key(record),
+                encode_event(record),
+                message_id=str(record.event_id),
+                headers=event_headers(record),
+                mandatory=True,
+            )
+        finally:
+            self._limiter.release_on_behalf_of(record.event_id)
+        metrics = self.context.metrics
+        metrics.events_published_total.inc({"exchange": exchange, "event_type": record.event_type})
+        committed = record.created_at
+        if committed.tzinfo is None:
+            committed = committed.replace(tzinfo=UTC)
+        latency = max(0.0, (datetime.now(UTC) - committed).total_seconds())
+        metrics.event_publishing_duration_seconds.observe({"exchange": exchange}, latency)
+
+    async def _update_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._last_lag_update < 1.0:
+            return
+        self._last_lag_update = now
+        stats = await self.context.store.statistics()
+        lag = max(0, stats.head_position - self.checkpoint.position)
+        self.context.metrics.relay_lag_events.set({"relay": self.name}, lag)
