@@ -26,7 +26,8 @@ async def open_store(
         logger.warning(EMBEDDED_WARNING)
         return MemoryEventStore()
     assert url is not None
-    if not url.startswith(("postgresql://", "postgres://", "host=", "dbname=")):
+    libpq_keywords = "://" not in url and "=" in url  # host=... dbname=... user=...
+    if not (url.startswith(("postgresql://", "postgres://")) or libpq_keywords):
         raise ConfigurationError(
             f"unsupported database URL scheme in {url.split('@')[-1]!r}: use postgresql://... "
             "or memory://"
