@@ -31,7 +31,7 @@ integration: $(STAMP)
 	$(BIN)/pytest -m integration
 
 chaos: $(STAMP)
-	MAGASIN_CHAOS_LONG=1 $(BIN)/pytest -m chaos
+	MAGASIN_CHAOS_LONG=1 $(BIN)/pytest -m chaos -v -rP
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.store

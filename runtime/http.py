@@ -323,9 +323,13 @@ async def _listen(host: str, port: int) -> socket.socket:
     """A listening socket on ``host``:``port`` (0: any free port)."""
     try:
         family, *_ = (await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM))[0]
-        return socket.create_server((host, port), family=family)
+        sock = socket.create_server((host, port), family=family)
     except OSError as exc:
         raise ConfigurationError(
             f"the HTTP gateway cannot listen on {host}:{port}: {exc.strerror or exc}; free "
             "the port, or set http.port in the topology (or MAGASIN_HTTP_PORT)"
         ) from exc
+    # Accepted sockets inherit it: without it Nagle holds each response's body until the
+    # client's delayed ACK (~40 ms per request on a keep-alive connection).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock

@@ -54,6 +54,7 @@ class ActorRunner:
         rng: random.Random,
         clock: Clock,
         sleep: Sleep,
+        on_escalate: Callable[[EscalationError], None] | None = None,
     ) -> None:
         from runtime.backoff import Backoff, RestartIntensity  # noqa: PLC0415
 
@@ -61,6 +62,7 @@ class ActorRunner:
         self.name = name
         self.spec = spec
         self._make_instance = make_instance
+        self._on_escalate = on_escalate
         self._hooks = hooks
         self._metrics = metrics
         self._clock = clock
@@ -151,7 +153,10 @@ class ActorRunner:
                         self.last_error,
                     )
                     self._hooks.on_escalation(self.name, str(reason))
-                    raise reason
+                    if self._on_escalate is None:
+                        raise reason
+                    self._on_escalate(reason)
+                    return
                 delay = self.backoff.delay(restart)
                 self.delays.append(delay)
                 self._set_state("restarting")
@@ -265,6 +270,7 @@ class Supervisor:
         self._tg: TaskGroup | None = None
         self._stop = anyio.Event()
         self.escalated: EscalationError | None = None
+        self.escalation_linger = 1.0  # seconds /health answers 503 before the exit
         self._started = False
 
     # --- the handle built-in actors see ----------------------------------------------------
@@ -300,6 +306,11 @@ class Supervisor:
         """Ask for a graceful stop: actors drain in reverse topology order."""
         self._stop.set()
 
+    def _escalate(self, error: EscalationError) -> None:
+        if self.escalated is None:
+            self.escalated = error
+        self._stop.set()
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         try:
             async with anyio.create_task_group() as tg:
@@ -309,6 +320,10 @@ class Supervisor:
                 self._started = True
                 task_status.started()
                 await self._stop.wait()
+                if self.escalated is not None:
+                    # Unready and not live from the moment of the escalation; let probes
+                    # see it before the gateway goes, then drain the others as on SIGTERM.
+                    await self._sleep(self.escalation_linger)
                 for runner in reversed(list(self.runners.values())):
                     await runner.stop()
         except Exception as exc:
@@ -319,6 +334,8 @@ class Supervisor:
             raise
         finally:
             self._tg = None
+        if self.escalated is not None:
+            raise self.escalated
 
     async def _start(self, name: str, spec: ActorSpec) -> None:
         assert self._tg is not None
@@ -331,6 +348,7 @@ class Supervisor:
             rng=self._rng,
             clock=self._clock,
             sleep=self._sleep,
+            on_escalate=self._escalate,
         )
         self.runners[name] = runner
         await self._tg.start(runner.run)
@@ -346,7 +364,8 @@ class Supervisor:
         await self.bus.declare(topology.bus_plan())
         self.topology = topology
         for name in reversed(removed + changed):
-            await self.runners.pop(name).stop()
+            await self.runners[name].stop()  # visible (stopping) while it drains
+            del self.runners[name]
         for name in changed + added:
             await self._start(name, new[name])
         self.runners = {n: self.runners[n] for n in new}
