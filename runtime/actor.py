@@ -132,6 +132,7 @@ class ActorStatistics(msgspec.Struct, frozen=True):
     handled: int
     failed: int
     queues: tuple[str, ...] = ()
+    waiting_on: str | None = None  # an outage it is waiting out, holding a message
 
 
 @dataclass
@@ -141,6 +142,7 @@ class InstanceFigures:
     handled: int = 0
     failed: int = 0
     consumers: int = 0
+    waiting_on: str | None = None  # an outage the actor is waiting out (not ready)
 
 
 class ActorInstance(Protocol):
@@ -166,6 +168,7 @@ class QueueActor:
     grace_period: float = 10.0
     _draining: anyio.Event = field(default_factory=anyio.Event)
     _in_flight: int = 0
+    _waiting: dict[int, str] = field(default_factory=dict)  # worker delivery -> outage
     _handled: int = 0
     _failed: int = 0
     _receivers: list[MemoryObjectReceiveStream[Delivery]] = field(default_factory=list)
@@ -175,8 +178,9 @@ class QueueActor:
 
     def figures(self) -> InstanceFigures:
         depth = sum(r.statistics().current_buffer_used for r in self._receivers)
+        waiting = next(iter(self._waiting.values()), None)
         return InstanceFigures(
-            depth, self._in_flight, self._handled, self._failed, len(self._receivers)
+            depth, self._in_flight, self._handled, self._failed, len(self._receivers), waiting
         )
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
@@ -262,6 +266,7 @@ class QueueActor:
                 with anyio.move_on_after(retry.handler_timeout) as deadline:
                     await self.handler.handle(delivery)
             except DEAD_ON_ARRIVAL as exc:
+                self._waiting.pop(delivery.delivery_tag, None)
                 await bus.dead_letter(delivery, error=exc, actor=ctx.name)
                 return "dead_letter", exc
             except INFRASTRUCTURE_ERRORS as exc:
@@ -271,6 +276,7 @@ class QueueActor:
                 # restart and dead-letter innocent messages during a long outage. The rest
                 # of the mailbox waits behind it; a drain or a crash cancels the wait.
                 outage += 1
+                self._waiting[delivery.delivery_tag] = f"{type(exc).__name__}: {exc}"
                 pause = min(30.0, 0.5 * 2 ** min(outage - 1, 6))
                 logger.warning(
                     "actor {actor}: {error!r}; holding the message, retry in {pause:g}s",
@@ -282,6 +288,7 @@ class QueueActor:
                 continue
             except Exception as exc:  # noqa: BLE001 - any other handler failure is the message's
                 return await self._retry_or_dead_letter(delivery, exc), exc
+            self._waiting.pop(delivery.delivery_tag, None)
             if deadline.cancelled_caught:
                 timeout = HandlerTimeoutError(ctx.name, retry.handler_timeout)
                 await self._retry_or_dead_letter(delivery, timeout)

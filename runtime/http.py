@@ -157,9 +157,9 @@ def _runtime_handlers(context: ActorContext) -> list[ControllerRouterHandler]:
         if supervisor.ready:
             return Response(Health("ready"))
         waiting = tuple(
-            UnreadyActor(actor.name, actor.state, actor.last_error)
+            UnreadyActor(actor.name, actor.state, actor.waiting_on or actor.last_error)
             for actor in supervisor.statistics()
-            if actor.state != "running"
+            if actor.state != "running" or actor.waiting_on
         )
         detail = None
         if not context.bus.connected:

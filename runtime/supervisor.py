@@ -85,6 +85,10 @@ class ActorRunner:
         for known in STATES:
             self._metrics.actor_up.set({"actor": self.name, "state": known}, int(known == state))
 
+    def waiting_on(self) -> str | None:
+        """The outage this actor is waiting out (holding a message), if any."""
+        return self._instance.figures().waiting_on if self._instance is not None else None
+
     def statistics(self) -> ActorStatistics:
         figures = self._instance.figures() if self._instance is not None else None
         return ActorStatistics(
@@ -99,6 +103,7 @@ class ActorRunner:
             handled=figures.handled if figures else 0,
             failed=figures.failed if figures else 0,
             queues=tuple(self.spec.queue_names),
+            waiting_on=figures.waiting_on if figures else None,
         )
 
     def stop_requested(self) -> bool:
@@ -287,6 +292,7 @@ class Supervisor:
             and not self._stop.is_set()
             and self.bus.connected
             and all(r.state == "running" for r in self.runners.values())
+            and not any(r.waiting_on() for r in self.runners.values())
         )
         self.metrics.runtime_ready.set({}, int(ready))
         return ready

@@ -181,7 +181,11 @@ class RuntimeContract:
         registry, queue = names
         async with running(bus, worker_topology(registry, queue)) as supervisor:
             await publish(bus, registry, "db", 0, "down")
+            await wait_until(lambda: bool(supervisor.statistics()[0].waiting_on))
+            assert not supervisor.ready, "an actor waiting out an outage is not ready"
+            assert "StoreUnavailableError" in (supervisor.statistics()[0].waiting_on or "")
             await wait_until(lambda: len(HANDLED[registry]) == 1)
+            await wait_until(lambda: supervisor.ready)
             assert supervisor.statistics()[0].restarts == 0
         assert [a for _, _, a in ATTEMPTS[registry]] == [0, 0]
         assert REDELIVERED[registry] == set()
