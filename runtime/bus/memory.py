@@ -15,8 +15,8 @@ receive it anyway. So the bus owns no task group (one entered in a pytest-asynci
 would be exited from another task) and obeys structured concurrency by construction;
 ``async with MemoryBus()`` only closes it at the end.
 
-The failure-header rules (``failure_headers``, ``replay_headers``, ``dead_letter_record``)
-live here too and the RabbitMQ bus reuses them: both buses write the same headers.
+Retries and dead letters are parked the same way as on RabbitMQ (``runtime/bus/headers.py``):
+both buses write the same headers.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from types import TracebackType
 
 import anyio
@@ -35,14 +34,12 @@ import anyio.lowlevel
 import msgspec
 from loguru import logger
 
+from runtime.bus.headers import (
+    RepublishingSettlement,
+    dead_letter_record,
+    replay_headers,
+)
 from runtime.bus.protocol import (
-    X_ACTOR,
-    X_ATTEMPTS,
-    X_ERROR,
-    X_ERROR_TYPE,
-    X_FIRST_FAILED_AT,
-    X_ORIGINAL_EXCHANGE,
-    X_ORIGINAL_ROUTING_KEY,
     BusPlan,
     DeadLetter,
     Delivery,
@@ -58,66 +55,6 @@ from runtime.errors import (
     UnroutableError,
 )
 from runtime.naming import DEAD_LETTER_EXCHANGE, dead_letter_queue, retry_queue
-
-# --- failure headers, shared with the RabbitMQ bus ----------------------------------------
-
-MAX_ERROR_LENGTH = 1000
-ERROR_HEADERS = (X_ERROR, X_ERROR_TYPE, X_ACTOR, X_FIRST_FAILED_AT)
-# Headers the broker writes when it dead-letters or redelivers. They describe one hop
-# through one queue; a copy we publish ourselves starts without them (a re-published
-# ``x-death`` arrives stringified and the broker would only reset it with a warning).
-BROKER_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
-
-
-def failure_headers(
-    delivery: Delivery, *, error: BaseException, actor: str, now: datetime | None = None
-) -> dict[str, HeaderValue]:
-    """The headers of a failed message's copy (retry or dead letter): attempts + 1, the
-    error, the actor, and the first failure time and original address kept from before."""
-    headers = _without_broker_headers(delivery.headers)
-    headers[X_ATTEMPTS] = delivery.attempts + 1
-    if not headers.get(X_FIRST_FAILED_AT):
-        headers[X_FIRST_FAILED_AT] = (now or datetime.now(UTC)).isoformat()
-    message = str(error) or type(error).__name__
-    if len(message) > MAX_ERROR_LENGTH:
-        message = message[: MAX_ERROR_LENGTH - 3] + "..."
-    headers[X_ERROR] = message
-    headers[X_ERROR_TYPE] = type(error).__name__
-    headers[X_ACTOR] = actor
-    headers.setdefault(X_ORIGINAL_EXCHANGE, delivery.exchange)
-    headers.setdefault(X_ORIGINAL_ROUTING_KEY, delivery.routing_key)
-    return headers
-
-
-def replay_headers(headers: Mapping[str, HeaderValue]) -> dict[str, HeaderValue]:
-    """A replayed dead letter starts over: no error headers, ``x-attempts`` 0."""
-    result = _without_broker_headers(headers)
-    for key in ERROR_HEADERS:
-        result.pop(key, None)
-    result[X_ATTEMPTS] = 0
-    return result
-
-
-def dead_letter_record(
-    message_id: str, headers: dict[str, HeaderValue], body: bytes, broker_reason: str
-) -> DeadLetter:
-    """A DLQ message as the CLI lists it. A message the broker dead-lettered (rejected,
-    delivery limit) has no ``x-error``: its reason stands in for the error."""
-    error = headers.get(X_ERROR)
-    attempts = headers.get(X_ATTEMPTS, 0)
-    return DeadLetter(
-        message_id=message_id,
-        headers=headers,
-        body=body,
-        error=str(error) if error is not None else f"dead-lettered by the broker ({broker_reason})",
-        error_type=str(headers.get(X_ERROR_TYPE) or broker_reason),
-        attempts=int(attempts) if isinstance(attempts, int | float) else 0,
-    )
-
-
-def _without_broker_headers(headers: Mapping[str, HeaderValue]) -> dict[str, HeaderValue]:
-    return {k: v for k, v in headers.items() if not k.startswith(BROKER_HEADER_PREFIXES)}
-
 
 # --- routing -------------------------------------------------------------------------------
 
@@ -199,7 +136,7 @@ class _Deliveries:
                 await consumer.wake.wait()
 
 
-class MemoryBus:
+class MemoryBus(RepublishingSettlement):
     """A ``Bus`` held in deques and dicts; lost when the process ends."""
 
     def __init__(self) -> None:
@@ -475,24 +412,6 @@ class MemoryBus:
         else:
             self._dead_letter(message, queue, "rejected")
             self._dispatch(queue)
-
-    async def retry(
-        self, delivery: Delivery, *, rung: int, error: BaseException, actor: str
-    ) -> None:
-        headers = failure_headers(delivery, error=error, actor=actor)
-        target = retry_queue(delivery.queue, rung)
-        await self.publish(
-            "", target, delivery.body, message_id=delivery.message_id, headers=headers
-        )
-        await self.ack(delivery)
-
-    async def dead_letter(self, delivery: Delivery, *, error: BaseException, actor: str) -> None:
-        headers = failure_headers(delivery, error=error, actor=actor)
-        target = dead_letter_queue(delivery.queue)
-        await self.publish(
-            "", target, delivery.body, message_id=delivery.message_id, headers=headers
-        )
-        await self.ack(delivery)
 
     # --- dead-letter administration --------------------------------------------------------
 

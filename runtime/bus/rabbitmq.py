@@ -50,7 +50,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from loguru import logger
 from yarl import URL
 
-from runtime.bus.memory import dead_letter_record, failure_headers, replay_headers
+from runtime.bus.headers import RepublishingSettlement, dead_letter_record, replay_headers
 from runtime.bus.protocol import (
     BusPlan,
     DeadLetter,
@@ -171,7 +171,7 @@ def _channel_gone(message: AbstractIncomingMessage) -> bool:
         return True
 
 
-class RabbitMQBus:
+class RabbitMQBus(RepublishingSettlement):
     """A ``Bus`` on RabbitMQ. Create with :meth:`connect`; close when done."""
 
     def __init__(
@@ -403,24 +403,6 @@ class RabbitMQBus:
                 await message.nack(requeue=requeue)
             except _LINK_ERRORS as exc:
                 _log_stale(delivery, f"its channel is gone ({type(exc).__name__})")
-
-    async def retry(
-        self, delivery: Delivery, *, rung: int, error: BaseException, actor: str
-    ) -> None:
-        headers = failure_headers(delivery, error=error, actor=actor)
-        target = retry_queue(delivery.queue, rung)
-        await self.publish(
-            "", target, delivery.body, message_id=delivery.message_id, headers=headers
-        )
-        await self.ack(delivery)
-
-    async def dead_letter(self, delivery: Delivery, *, error: BaseException, actor: str) -> None:
-        headers = failure_headers(delivery, error=error, actor=actor)
-        target = dead_letter_queue(delivery.queue)
-        await self.publish(
-            "", target, delivery.body, message_id=delivery.message_id, headers=headers
-        )
-        await self.ack(delivery)
 
     # --- dead-letter administration --------------------------------------------------------
 

@@ -11,7 +11,6 @@ import functools
 import inspect
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import httpx
 from runtime.bus.protocol import X_ORDERING_KEY
 from runtime.bus.rabbitmq import RabbitMQBus
 from tests.support.durable import Record, read_records, task
+from tests.support.process import clean_env, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EXCHANGE = "complaints.events"
@@ -46,20 +46,6 @@ defaults:
 
 def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without MAGASIN_* settings, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAGASIN_")}
-    env.update(extra)
-    return env
 
 
 async def poll_until(

@@ -7,9 +7,7 @@ service plus the gateway) and a free port, and kills it in the end whatever happ
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ import pytest
 
 from runtime.bus.rabbitmq import RabbitMQBus
 from runtime.topology import load_topology
+from tests.support.process import clean_env, free_port
 from tests.support.rabbitmq import amqp_url, rabbitmq_vhost  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,19 +42,6 @@ class Runtime:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAGASIN_")}
-    env.update(extra)
-    return env
 
 
 def write_topology(tmp_path: Path, actor: str, *, admin: bool = False) -> Path:

@@ -93,9 +93,7 @@ actors:
             await wait_until(lambda: set(sink.received) >= expected, within=60)
             tg.cancel_scope.cancel()
         duplicates = len(sink.received) - len(set(sink.received))
-        print(
-            f"{len(expected)} events, {KILLS} SIGKILLs, {duplicates} duplicate deliveries"
-        )
+        print(f"{len(expected)} events, {KILLS} SIGKILLs, {duplicates} duplicate deliveries")
         assert expected
     finally:
         if runtime is not None and runtime.process.poll() is None:

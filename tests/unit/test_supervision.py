@@ -234,6 +234,25 @@ class NoBus:
     connected = True
 
 
+def supervised(
+    topo: Topology,
+    clock: FakeClock,
+    make: Callable[[str, ActorSpec], Scripted],
+    bus: object | None = None,
+) -> Supervisor:
+    """A supervisor on a virtual clock whose actors are scripted fakes."""
+    return Supervisor(
+        topo,
+        store=MemoryEventStore(),
+        bus=bus or NoBus(),  # type: ignore[arg-type]
+        metrics=Metrics(),
+        hooks=Hooks(),
+        clock=clock,
+        sleep=clock.sleep,
+        make_instance=make,
+    )
+
+
 async def test_a_crashing_actor_leaves_its_siblings_alone() -> None:
     clock = FakeClock()
     topo = topology(service("steady") + service("crashy"))
@@ -245,16 +264,7 @@ async def test_a_crashing_actor_leaves_its_siblings_alone() -> None:
             return Scripted("crash-after-start", clock)
         return Scripted("forever", clock)
 
-    supervisor = Supervisor(
-        topo,
-        store=MemoryEventStore(),
-        bus=NoBus(),  # type: ignore[arg-type]
-        metrics=Metrics(),
-        hooks=Hooks(),
-        clock=clock,
-        sleep=clock.sleep,
-        make_instance=make,
-    )
+    supervisor = supervised(topo, clock, make)
     async with anyio.create_task_group() as tg:
         await tg.start(supervisor.run)
         with anyio.fail_after(5):
@@ -277,16 +287,7 @@ async def test_escalation_stops_the_supervisor_with_the_reason() -> None:
     def make(name: str, spec: ActorSpec) -> Scripted:
         return Scripted("forever" if name == "steady" else "crash", clock)
 
-    supervisor = Supervisor(
-        topo,
-        store=MemoryEventStore(),
-        bus=NoBus(),  # type: ignore[arg-type]
-        metrics=Metrics(),
-        hooks=Hooks(),
-        clock=clock,
-        sleep=clock.sleep,
-        make_instance=make,
-    )
+    supervisor = supervised(topo, clock, make)
     with pytest.raises(EscalationError, match="doomed"):
         await supervisor.run()
     assert not supervisor.live
@@ -308,16 +309,7 @@ async def test_actors_start_in_order_and_stop_in_reverse() -> None:
             await super().run(task_status=task_status)
             events.append(f"stop {self.name}")
 
-    supervisor = Supervisor(
-        topo,
-        store=MemoryEventStore(),
-        bus=NoBus(),  # type: ignore[arg-type]
-        metrics=Metrics(),
-        hooks=Hooks(),
-        clock=clock,
-        sleep=clock.sleep,
-        make_instance=lambda name, spec: Recording(name),
-    )
+    supervisor = supervised(topo, clock, lambda name, spec: Recording(name))
     async with anyio.create_task_group() as tg:
         await tg.start(supervisor.run)
         supervisor.stop()
@@ -352,16 +344,7 @@ async def test_reload_restarts_changed_actors_only() -> None:
         return Scripted("forever", clock)
 
     bus = DeclaringBus()
-    supervisor = Supervisor(
-        before,
-        store=MemoryEventStore(),
-        bus=bus,  # type: ignore[arg-type]
-        metrics=Metrics(),
-        hooks=Hooks(),
-        clock=clock,
-        sleep=clock.sleep,
-        make_instance=make,
-    )
+    supervisor = supervised(before, clock, make, bus=bus)
     async with anyio.create_task_group() as tg:
         await tg.start(supervisor.run)
         changes = await supervisor.reload(after)
@@ -429,16 +412,7 @@ async def test_a_handler_constructor_that_raises_crashes_only_its_actor() -> Non
                 raise ValueError("option 'x' missing")
         return Scripted("forever", clock)
 
-    supervisor = Supervisor(
-        topo,
-        store=MemoryEventStore(),
-        bus=NoBus(),  # type: ignore[arg-type]
-        metrics=Metrics(),
-        hooks=Hooks(),
-        clock=clock,
-        sleep=clock.sleep,
-        make_instance=make,
-    )
+    supervisor = supervised(topo, clock, make)
     async with anyio.create_task_group() as tg:
         await tg.start(supervisor.run)
         with anyio.fail_after(5):
@@ -464,15 +438,8 @@ async def test_a_reload_the_broker_refuses_keeps_the_running_topology(tmp_path: 
     clock = FakeClock()
     topo = topology(service("kept"))
     (tmp_path / "t.yaml").write_text("actors:\n  other: {kind: service, handler: x:Y}\n")
-    supervisor = Supervisor(
-        topo,
-        store=MemoryEventStore(),
-        bus=RefusingBus(),  # type: ignore[arg-type]
-        metrics=Metrics(),
-        hooks=Hooks(),
-        clock=clock,
-        sleep=clock.sleep,
-        make_instance=lambda name, spec: Scripted("forever", clock),
+    supervisor = supervised(
+        topo, clock, lambda name, spec: Scripted("forever", clock), bus=RefusingBus()
     )
     async with anyio.create_task_group() as tg:
         await tg.start(supervisor.run)
