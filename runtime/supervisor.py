@@ -329,7 +329,8 @@ class Supervisor:
                 if self.escalated is not None:
                     # Unready and not live from the moment of the escalation; let probes
                     # see it before the gateway goes, then drain the others as on SIGTERM.
-                    await self._sleep(self.escalation_linger)
+                    # Wall-clock time for probes, not a backoff: not the injected sleep.
+                    await anyio.sleep(self.escalation_linger)
                 for runner in reversed(list(self.runners.values())):
                     await runner.stop()
         except Exception as exc:

@@ -58,6 +58,7 @@ ACTOR_FIELDS = {
     "handled",
     "failed",
     "queues",
+    "waiting_on",
 }
 
 

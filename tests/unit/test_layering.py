@@ -26,7 +26,12 @@ DRIVERS = frozenset(
 
 #: The adapter edge: the only runtime modules that may import a driver.
 DRIVER_ADAPTERS = frozenset(
-    {"runtime/store/postgres.py", "runtime/store/migrate.py", "runtime/cli.py"}
+    {
+        "runtime/store/postgres.py",
+        "runtime/store/readmodel_postgres.py",
+        "runtime/store/migrate.py",
+        "runtime/cli.py",
+    }
 )
 DRIVER_ADAPTER_PACKAGES = ("runtime/bus/",)
 
