@@ -1,0 +1,144 @@
+"""Projections: relayed events folded into read models, each effect exactly once, in order.
+
+A ``ProjectionHandler`` subclass declares its ``codec`` and implements ``apply(tx, event)``, a
+pure effect on the read model. ``handle`` does the rest, in one read-model transaction:
+
+1. decode the delivery (``decode_event``; an undecodable body is a ``MessageDecodeError``);
+2. lock and read the last version of the event's aggregate this projection applied;
+3. ``version <= last``: a duplicate, nothing to do;
+   ``version == last + 1``: apply it;
+   ``version > last + 1``: a gap (a retry or a redelivery overtook an earlier event): read
+   the missing events from the event store, which is the truth, and apply them first;
+4. record the new version, commit; the runtime acks once ``handle`` returns.
+
+So the read model is always the fold of a prefix of each stream, whatever the bus does
+(guarantees 2 and 3); a late copy of an event the gap healing already applied is then a
+duplicate. The read-model store comes from the topology's ``database_url`` (``memory://``:
+the process-wide embedded store, which queries share) and the actor's ``schema`` option.
+"""
+
+from __future__ import annotations
+
+import abc
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any, ClassVar, Self
+
+from loguru import logger
+
+from runtime.actor import ActorContext
+from runtime.bus.protocol import Delivery
+from runtime.errors import ActorError, ConfigurationError, EventDecodeError, Reject, Retry
+from runtime.messages import decode_event
+from runtime.store.codec import Envelope, EventCodec
+from runtime.store.protocol import RecordedEvent
+from runtime.store.readmodel import ReadModelStore, ReadModelTx, open_read_model_store
+
+
+class ProjectionHandler(abc.ABC):
+    """Base of projection and subscriber handlers; see the module docstring."""
+
+    #: Decodes the payloads ``apply`` receives; register every event type of the streams bound.
+    codec: ClassVar[EventCodec]
+    #: The read-model namespace; None: the actor's name.
+    projection_name: ClassVar[str | None] = None
+
+    def __init__(self, context: ActorContext) -> None:
+        if not isinstance(getattr(type(self), "codec", None), EventCodec):
+            raise ConfigurationError(
+                f"{type(self).__name__} must declare `codec = EventCodec().register(...)` "
+                "with the event types it projects"
+            )
+        self.context = context
+        self.projection = self.projection_name or context.name
+        self._read_models: ReadModelStore | None = None
+        self._stack = AsyncExitStack()
+
+    @abc.abstractmethod
+    async def apply(self, tx: ReadModelTx, event: Envelope[Any]) -> None:
+        """The event's effect on the read model, through ``tx`` only (it may run again if
+        the transaction is retried, so keep other side effects out of it)."""
+
+    @property
+    def read_models(self) -> ReadModelStore:
+        if self._read_models is None:
+            raise ActorError(
+                f"projection {self.projection!r} is not open: use `async with handler:` "
+                "(the runtime enters it for the life of the actor instance)"
+            )
+        return self._read_models
+
+    async def __aenter__(self) -> Self:
+        options = self.context.options
+        self._read_models = await self._stack.enter_async_context(
+            open_read_model_store(
+                self.context.topology.database_url,
+                schema=str(options.get("schema", "public")),
+                max_size=self.context.spec.consumers + 1,
+            )
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._read_models = None
+        await self._stack.aclose()
+
+    async def handle(self, delivery: Delivery) -> None:
+        record = decode_event(delivery.message_id, delivery.body)
+
+        async def project(tx: ReadModelTx) -> int:
+            return await self.project(tx, record)
+
+        applied = await self.read_models.run(self.projection, project)
+        if applied:
+            counter = getattr(self.context.metrics, "projection_updates_total", None)
+            if counter is not None:
+                counter.add({"projection": self.projection}, applied)
+
+    async def project(self, tx: ReadModelTx, record: RecordedEvent) -> int:
+        """Apply ``record`` after any events of its stream missing before it, unless it was
+        applied already; returns how many events were applied."""
+        last = await tx.last_version(record.aggregate_id)
+        if record.version <= last:
+            return 0
+        pending = [*await self._missing(record, last), record]
+        for event in pending:
+            await self.apply(tx, self._decode(event))
+        await tx.set_last_version(record.aggregate_id, record.version)
+        return len(pending)
+
+    async def _missing(self, record: RecordedEvent, last: int) -> list[RecordedEvent]:
+        """The stream's events between ``last`` and ``record``, from the event store."""
+        if record.version == last + 1:
+            return []
+        stored = await self.context.store.read_stream(record.stream, from_version=last + 1)
+        missing = [event for event in stored if event.version < record.version]
+        if [event.version for event in missing] != list(range(last + 1, record.version)):
+            raise Retry(
+                f"projection {self.projection!r} needs versions {last + 1}..{record.version - 1} "
+                f"of {record.stream} before version {record.version}, and the event store "
+                f"does not have them all (found {[event.version for event in missing]})"
+            )
+        logger.info(
+            "projection {projection}: {count} event(s) of {stream} missing before version "
+            "{version}; applying them from the event store",
+            projection=self.projection,
+            count=len(missing),
+            stream=record.stream,
+            version=record.version,
+        )
+        return missing
+
+    def _decode(self, record: RecordedEvent) -> Envelope[Any]:
+        try:
+            return self.codec.decode(record)
+        except EventDecodeError as exc:
+            # Handling it again cannot help until the code knows the type: dead-letter it.
+            # Later events of its stream heal the gap through it, so they follow it there,
+            # and replaying the dead letters after the fix applies them in order.
+            raise Reject(f"projection {self.projection!r} cannot decode it: {exc}") from exc

@@ -1,0 +1,218 @@
+"""The in-memory read-model store: the embedded default and the fast twin for unit tests.
+
+A transaction stages its writes and applies them all at once when it exits normally (no
+await between the first and the last write, so on one event loop the commit is atomic);
+when it raises, they are dropped. Locks are per ``(projection, aggregate)`` version and per
+document asked ``for_update``, held until the transaction ends, like PostgreSQL's row locks.
+Unlike PostgreSQL, two transactions that take two locks in opposite orders wait for each
+other forever: take the aggregate's version first, then documents in a fixed order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import anyio
+
+from runtime.errors import InvalidRequestError
+from runtime.store.readmodel import (
+    Document,
+    Entry,
+    ReadModelTx,
+    check_name,
+    check_page,
+    check_version,
+    decode_document,
+    encode_document,
+)
+
+T = TypeVar("T")
+_Collection = tuple[str, str]  # (projection, collection)
+
+
+class _KeyedLocks:
+    """One binary semaphore per key, created on demand and dropped when nobody holds it.
+    (A semaphore, not a lock: a transaction may be ended by another task than the one that
+    locked.)"""
+
+    def __init__(self) -> None:
+        self._held: dict[Hashable, anyio.Semaphore] = {}
+
+    async def acquire(self, key: Hashable) -> None:
+        semaphore = self._held.get(key)
+        if semaphore is None:
+            semaphore = self._held[key] = anyio.Semaphore(1)
+        await semaphore.acquire()
+
+    def release(self, key: Hashable) -> None:
+        semaphore = self._held[key]
+        semaphore.release()
+        if semaphore.value == 1 and semaphore.statistics().tasks_waiting == 0:
+            del self._held[key]
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+class MemoryReadModelStore:
+    """A ``ReadModelStore`` held in dicts; lost when the process ends."""
+
+    def __init__(self) -> None:
+        self._docs: dict[_Collection, dict[str, bytes]] = {}
+        self._versions: dict[tuple[str, str], int] = {}
+        self._locks = _KeyedLocks()
+
+    @asynccontextmanager
+    async def transaction(self, projection: str) -> AsyncIterator[ReadModelTx]:
+        check_name("projection", projection)
+        tx = MemoryReadModelTx(self, projection)
+        try:
+            yield tx
+        except BaseException:
+            tx.end(commit=False)
+            raise
+        tx.end(commit=True)
+
+    async def run(self, projection: str, work: Callable[[ReadModelTx], Awaitable[T]]) -> T:
+        async with self.transaction(projection) as tx:
+            return await work(tx)
+
+    async def get(self, projection: str, collection: str, key: str) -> Document | None:
+        check_name("projection", projection)
+        check_name("collection", collection)
+        check_name("key", key)
+        raw = self._docs.get((projection, collection), {}).get(key)
+        return None if raw is None else decode_document(raw)
+
+    async def list(
+        self,
+        projection: str,
+        collection: str,
+        *,
+        limit: int = 100,
+        after_key: str | None = None,
+    ) -> list[Entry]:
+        check_name("projection", projection)
+        check_name("collection", collection)
+        check_page(limit, after_key)
+        docs = self._docs.get((projection, collection), {})
+        return _page(docs, limit, after_key)
+
+    async def close(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        count = sum(len(docs) for docs in self._docs.values())
+        return f"MemoryReadModelStore(documents={count}, versions={len(self._versions)})"
+
+
+class MemoryReadModelTx:
+    """Staged writes over the committed state; see the module docstring."""
+
+    def __init__(self, store: MemoryReadModelStore, projection: str) -> None:
+        self._store = store
+        self._projection = projection
+        self._writes: dict[tuple[str, str], bytes | None] = {}  # None: deleted
+        self._versions: dict[str, int] = {}
+        self._locked: set[Hashable] = set()
+        self._open = True
+
+    async def _lock(self, key: Hashable) -> None:
+        self._check_open()
+        if key not in self._locked:
+            await self._store._locks.acquire(key)
+            self._locked.add(key)
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise InvalidRequestError(
+                f"this read-model transaction of {self._projection!r} has ended; "
+                "open a new one with transaction()"
+            )
+
+    async def get(self, collection: str, key: str, *, for_update: bool = False) -> Document | None:
+        self._check_open()
+        check_name("collection", collection)
+        check_name("key", key)
+        if for_update:
+            await self._lock(("doc", self._projection, collection, key))
+        if (collection, key) in self._writes:
+            raw = self._writes[(collection, key)]
+        else:
+            raw = self._store._docs.get((self._projection, collection), {}).get(key)
+        return None if raw is None else decode_document(raw)
+
+    async def put(self, collection: str, key: str, doc: Document) -> None:
+        self._check_open()
+        self._writes[(collection, key)] = encode_document(collection, key, doc)
+
+    async def delete(self, collection: str, key: str) -> None:
+        self._check_open()
+        check_name("collection", collection)
+        check_name("key", key)
+        self._writes[(collection, key)] = None
+
+    async def list(
+        self, collection: str, *, limit: int = 100, after_key: str | None = None
+    ) -> list[Entry]:
+        self._check_open()
+        check_name("collection", collection)
+        check_page(limit, after_key)
+        docs = dict(self._store._docs.get((self._projection, collection), {}))
+        for (staged_collection, key), raw in self._writes.items():
+            if staged_collection != collection:
+                continue
+            if raw is None:
+                docs.pop(key, None)
+            else:
+                docs[key] = raw
+        return _page(docs, limit, after_key)
+
+    async def last_version(self, aggregate_id: str) -> int:
+        check_name("aggregate_id", aggregate_id)
+        await self._lock(("version", self._projection, aggregate_id))
+        return self._version(aggregate_id)
+
+    async def set_last_version(self, aggregate_id: str, version: int) -> None:
+        check_name("aggregate_id", aggregate_id)
+        check_version(version)
+        await self._lock(("version", self._projection, aggregate_id))
+        self._versions[aggregate_id] = max(self._version(aggregate_id), version)
+
+    def _version(self, aggregate_id: str) -> int:
+        staged = self._versions.get(aggregate_id)
+        if staged is not None:
+            return staged
+        return self._store._versions.get((self._projection, aggregate_id), 0)
+
+    def end(self, *, commit: bool) -> None:
+        """Apply the staged writes (``commit``) or drop them; release every lock. Called by
+        the store's ``transaction()`` on the way out, never awaits."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            if commit:
+                self._apply()
+        finally:
+            for key in self._locked:
+                self._store._locks.release(key)
+            self._locked.clear()
+
+    def _apply(self) -> None:
+        store = self._store
+        for (collection, key), raw in self._writes.items():
+            docs = store._docs.setdefault((self._projection, collection), {})
+            if raw is None:
+                docs.pop(key, None)
+            else:
+                docs[key] = raw
+        for aggregate_id, version in self._versions.items():
+            store._versions[(self._projection, aggregate_id)] = version
+
+
+def _page(docs: dict[str, bytes], limit: int, after_key: str | None) -> list[Entry]:
+    keys = sorted(k for k in docs if after_key is None or k > after_key)[:limit]
+    return [(key, decode_document(docs[key])) for key in keys]
