@@ -35,6 +35,7 @@ chaos: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.store
+	$(BIN)/python -m bench.flow
 
 # Re-resolve the pinned versions (commit the result).
 lock:
