@@ -102,22 +102,20 @@ def work_queue_arguments(spec: QueueSpec) -> dict[str, Any]:
 
 
 def retry_queue_arguments(spec: QueueSpec, delay: float) -> dict[str, Any]:
-    """One queue per delay (per-message TTL only expires at the head): on expiry the broker
-    dead-letters the message through the default exchange to the work queue. That hop is
-    the one broker dead-lettering on the retry path, so beside a quorum work queue the
-    retry queue is quorum too, with at-least-once dead-lettering (3.10 supports message
-    TTL on quorum queues): a classic queue would drop the message if the work queue could
-    not take it at that moment."""
-    arguments: dict[str, Any] = {
-        "x-queue-type": spec.queue_type,
+    """One classic queue per delay (per-message TTL only expires at the head): on expiry
+    the broker dead-letters the message through the default exchange to the work queue.
+
+    Classic, not quorum: a quorum queue is a Raft group, and one per rung tripled the
+    broker's groups; on a 2-core broker that made vhost and queue operations stall. The
+    price: the TTL hop is at-most-once, so a message expiring while its quorum work queue
+    has no leader (the seconds after a broker restart) can be dropped.
+    """
+    return {
+        "x-queue-type": "classic",
         "x-message-ttl": max(1, round(delay * 1000)),
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": spec.name,
     }
-    if spec.queue_type == "quorum":
-        arguments["x-dead-letter-strategy"] = "at-least-once"
-        arguments["x-overflow"] = "reject-publish"
-    return arguments
 
 
 def _broker_reason(headers: dict[str, Any] | None) -> str:

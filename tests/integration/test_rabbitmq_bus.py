@@ -62,12 +62,10 @@ async def test_queues_carry_the_arguments_we_declared(
         queue_arguments, rabbitmq_vhost, retry_queue(quorum.name, 2)
     )
     assert retry == {
-        "x-queue-type": "quorum",  # the TTL hop back is at-least-once, like the work queue
+        "x-queue-type": "classic",
         "x-message-ttl": 1500,
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": quorum.name,
-        "x-dead-letter-strategy": "at-least-once",
-        "x-overflow": "reject-publish",
     }
     dlq = await anyio.to_thread.run_sync(
         queue_arguments, rabbitmq_vhost, dead_letter_queue(quorum.name)
