@@ -46,6 +46,7 @@ from loguru import logger
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from bench.common import Table, dsn_for, progress
 from runtime.store import Checkpoint, EventCodec, Metadata, NewEvent, StreamId
 from runtime.store.postgres import PostgresEventStore, connection_string
 
@@ -395,34 +396,6 @@ async def server_facts(dsn: str) -> dict[str, str]:
 # --- the report ---------------------------------------------------------------------------
 
 
-class Table:
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, str, str, str] | None] = []
-
-    def add(self, label: str, magasin: float, plain: float, digits: int = 0) -> None:
-        ratio = magasin / plain if plain else float("nan")
-        self.rows.append((label, f"{magasin:,.{digits}f}", f"{plain:,.{digits}f}", f"{ratio:.2f}"))
-
-    def rule(self) -> None:
-        self.rows.append(None)
-
-    def render(self) -> str:
-        header = ("figure", "magasin", "plain", "ratio")
-        cells = [r for r in self.rows if r is not None] + [header]
-        widths = [max(len(r[i]) for r in cells) for i in range(4)]
-
-        def line(r: Sequence[str]) -> str:
-            return "  ".join(
-                r[i].ljust(widths[i]) if i == 0 else r[i].rjust(widths[i]) for i in range(4)
-            )
-
-        sep = "-" * len(line(header))
-        out = [line(header), sep]
-        for r in self.rows:
-            out.append(sep if r is None else line(r))
-        return "\n".join(out)
-
-
 def add_append_rows(table: Table, label: str, magasin: AppendRun, plain: AppendRun) -> None:
     if magasin.batch == 1:
         table.add(f"{label}: appends/s", magasin.appends_per_s, plain.appends_per_s)
@@ -481,22 +454,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def dsn_for(admin_dsn: str, dbname: str) -> str:
-    parts = psycopg.conninfo.conninfo_to_dict(admin_dsn)
-    parts["dbname"] = dbname
-    return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in parts.items()})
-
-
 @dataclass
 class Context:
     dsn: str
     args: argparse.Namespace
     table: Table = field(default_factory=Table)
     notes: list[str] = field(default_factory=list)
-
-
-def progress(message: str) -> None:
-    print(f"  .. {message}", file=sys.stderr, flush=True)
 
 
 async def bench(ctx: Context) -> None:
