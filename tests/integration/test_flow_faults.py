@@ -112,7 +112,7 @@ actors:
                 work.start_soon(faults)
                 for _ in range(4):
                     work.start_soon(writer, TOTAL // 40)
-            records = await drain(pg_store)
+            records = await drain(pg_store, at_least=TOTAL)
             assert len(records) == TOTAL
             expected = fold(records)
 
