@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn
 
 import psycopg
+from psycopg import sql
 
 
 class Table:
@@ -44,3 +49,31 @@ def dsn_for(admin_dsn: str, dbname: str) -> str:
 
 def progress(message: str) -> None:
     print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+def raise_interrupt(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+@dataclass
+class Database:
+    admin_dsn: str
+    name: str = field(default_factory=lambda: f"magasin_bench_{uuid.uuid4().hex[:12]}")
+
+    def create(self) -> str:
+        with psycopg.connect(self.admin_dsn, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.name)))
+        return dsn_for(self.admin_dsn, self.name)
+
+    def drop(self) -> None:
+        with psycopg.connect(self.admin_dsn, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.name))
+            )
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"

@@ -64,7 +64,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar
 
 import aio_pika
 import anyio
@@ -77,7 +77,13 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from yarl import URL
 
-from bench.common import Table, dsn_for, progress
+from bench.common import (
+    Database,
+    Table,
+    load_average,
+    progress,
+    raise_interrupt,
+)
 from runtime.bus.protocol import Delivery, Headers
 from runtime.bus.rabbitmq import RabbitMQBus
 from runtime.observability.metrics import Metrics
@@ -849,10 +855,6 @@ async def bench(ctx: Context, tally: LogTally) -> None:
         ctx.notes.append(f"runtime warning x{count}: {message}")
 
 
-def _raise_interrupt(signum: int, frame: object) -> NoReturn:
-    raise KeyboardInterrupt
-
-
 class Interrupted(Exception):
     """SIGINT or SIGTERM arrived while the event loop ran."""
 
@@ -881,23 +883,6 @@ def on_stop_signals() -> asyncio.Event:
 def check_stop(stopping: asyncio.Event) -> None:
     if stopping.is_set():
         raise Interrupted
-
-
-@dataclass
-class Database:
-    admin_dsn: str
-    name: str
-
-    def create(self) -> str:
-        with psycopg.connect(self.admin_dsn, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.name)))
-        return dsn_for(self.admin_dsn, self.name)
-
-    def drop(self) -> None:
-        with psycopg.connect(self.admin_dsn, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.name))
-            )
 
 
 def rabbitmqctl(*args: str) -> str:
@@ -933,13 +918,6 @@ class Vhost:
             rabbitmqctl("delete_vhost", self.name)
 
 
-def _load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
 def header(args: argparse.Namespace, facts: dict[str, str], name: str) -> Iterator[str]:
     yield "magasin flow benchmark: append -> relay -> RabbitMQ -> projection"
     yield f"options: {' '.join(sys.argv[1:]) or '(none)'}"
@@ -952,7 +930,7 @@ def header(args: argparse.Namespace, facts: dict[str, str], name: str) -> Iterat
         f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Python "
         f"{platform.python_version()}, psycopg {psycopg.__version__} "
         f"({psycopg.pq.__impl__} libpq {psycopg.pq.version()}), aio-pika "
-        f"{aio_pika.__version__}, load average (1, 5, 15 min) {_load()}"
+        f"{aio_pika.__version__}, load average (1, 5, 15 min) {load_average()}"
     )
     yield (
         f"server:  PostgreSQL {facts['server_version']}, fsync={facts['fsync']}, "
@@ -973,7 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tally = LogTally()
     logger.remove()
     logger.add(tally.sink, level="INFO", filter="runtime")
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # outside the event loop
+    signal.signal(signal.SIGTERM, raise_interrupt)  # outside the event loop
     started = time.perf_counter()
     name = f"magasin_bench_{uuid.uuid4().hex[:12]}"
     database = Database(args.admin_url, name)
@@ -999,7 +977,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted; dropping the bench database and vhost", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, _raise_interrupt)  # the event loop reset it
+        signal.signal(signal.SIGTERM, raise_interrupt)  # the event loop reset it
         try:
             vhost.delete()
         finally:
@@ -1026,7 +1004,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line)
     for note in ctx.notes:
         print(note)
-    print(f"wall time: {time.perf_counter() - started:.1f} s, load average at the end {_load()}")
+    print(
+        f"wall time: {time.perf_counter() - started:.1f} s, "
+        f"load average at the end {load_average()}"
+    )
     return 0
 
 

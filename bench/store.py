@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any
 
 import msgspec
 import psycopg
@@ -46,7 +46,13 @@ from loguru import logger
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from bench.common import Table, dsn_for, progress
+from bench.common import (
+    Database,
+    Table,
+    load_average,
+    progress,
+    raise_interrupt,
+)
 from runtime.store import Checkpoint, EventCodec, Metadata, NewEvent, StreamId
 from runtime.store.postgres import PostgresEventStore, connection_string
 
@@ -513,34 +519,6 @@ async def bench(ctx: Context) -> None:
     ctx.table.add(f"{label}: seconds", mag_read.elapsed, plain_read.elapsed, digits=2)
 
 
-def _raise_interrupt(signum: int, frame: object) -> NoReturn:
-    raise KeyboardInterrupt
-
-
-@dataclass
-class Database:
-    admin_dsn: str
-    name: str = field(default_factory=lambda: f"magasin_bench_{uuid.uuid4().hex[:12]}")
-
-    def create(self) -> str:
-        with psycopg.connect(self.admin_dsn, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.name)))
-        return dsn_for(self.admin_dsn, self.name)
-
-    def drop(self) -> None:
-        with psycopg.connect(self.admin_dsn, autocommit=True, connect_timeout=5) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(self.name))
-            )
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
 def header(args: argparse.Namespace, facts: dict[str, str], dbname: str) -> Iterator[str]:
     yield "magasin event store benchmark"
     yield f"options: {' '.join(sys.argv[1:]) or '(none)'}"
@@ -554,7 +532,7 @@ def header(args: argparse.Namespace, facts: dict[str, str], dbname: str) -> Iter
         f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Python "
         f"{platform.python_version()}, psycopg {psycopg.__version__} "
         f"({psycopg.pq.__impl__} libpq {psycopg.pq.version()}), msgspec {msgspec.__version__}, "
-        f"load average (1, 5, 15 min) {_load()}"
+        f"load average (1, 5, 15 min) {load_average()}"
     )
     yield (
         f"server:  PostgreSQL {facts['server_version']}, fsync={facts['fsync']}, "
@@ -567,7 +545,7 @@ def header(args: argparse.Namespace, facts: dict[str, str], dbname: str) -> Iter
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logger.disable("runtime")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     database = Database(args.admin_url)
     started = time.perf_counter()
     try:
@@ -600,7 +578,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for note in ctx.notes:
         print(note)
-    print(f"wall time: {time.perf_counter() - started:.1f} s, load average at the end {_load()}")
+    print(
+        f"wall time: {time.perf_counter() - started:.1f} s, "
+        f"load average at the end {load_average()}"
+    )
     return 0
 
 

@@ -156,21 +156,16 @@ class PostgresEventStore:
             statement_timeout_ms=statement_timeout_ms,
             idle_in_transaction_timeout_ms=idle_in_transaction_timeout_ms,
         )
-        pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
+        pool = await open_pool(
+            dsn,
             conninfo,
+            name=f"magasin-store-{schema}",
+            schema=schema,
             min_size=min_size,
             max_size=max_size,
-            kwargs={"autocommit": True},
-            open=False,
-            timeout=connect_timeout,
-            name=f"magasin-store-{schema}",
+            connect_timeout=connect_timeout,
+            run_migrations=run_migrations,
         )
-        where = describe_dsn(dsn)
-        try:
-            await pool.open(wait=True, timeout=connect_timeout)
-        except PoolTimeout as exc:
-            await pool.close()
-            raise StoreUnavailableError(where, _first_connect_error(dsn, exc)) from exc
         store = cls(
             pool=pool,
             dsn=dsn,
@@ -179,17 +174,7 @@ class PostgresEventStore:
             metrics=metrics,
             poll_interval=poll_interval,
         )
-        if run_migrations:
-            try:
-                async with pool.connection() as conn:
-                    await conn.set_autocommit(False)
-                    try:
-                        await migrate(conn, schema)
-                    finally:
-                        await conn.set_autocommit(True)
-            except BaseException:
-                await pool.close()
-                raise
+        where = describe_dsn(dsn)
         logger.info("event store ready on {where}, schema {schema}", where=where, schema=schema)
         return store
 
@@ -599,15 +584,53 @@ def _option_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace(" ", "\\ ")
 
 
-def _first_connect_error(dsn: str, exc: BaseException) -> str:
-    """The pool only says it timed out; say why by trying once directly."""
-    import psycopg as _psycopg  # noqa: PLC0415 - the same module, named for clarity
-
+async def open_pool(
+    dsn: str,
+    conninfo: str,
+    *,
+    name: str,
+    schema: str,
+    min_size: int,
+    max_size: int,
+    connect_timeout: float,
+    run_migrations: bool,
+) -> AsyncConnectionPool[AsyncConn]:
+    """An open autocommit pool on ``conninfo`` with ``schema`` migrated (unless told not
+    to); ``StoreUnavailableError`` naming the address and the reason if it cannot connect."""
+    pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
+        conninfo,
+        min_size=min_size,
+        max_size=max_size,
+        kwargs={"autocommit": True},
+        open=False,
+        timeout=connect_timeout,
+        name=name,
+    )
     try:
-        conn = _psycopg.connect(dsn, connect_timeout=3)
-    except _psycopg.OperationalError as direct:
+        await pool.open(wait=True, timeout=connect_timeout)
+        if run_migrations:
+            async with pool.connection() as conn:
+                await conn.set_autocommit(False)
+                try:
+                    await migrate(conn, schema)
+                finally:
+                    await conn.set_autocommit(True)
+    except PoolTimeout as exc:
+        await pool.close()
+        raise StoreUnavailableError(describe_dsn(dsn), await _connect_error(conninfo, exc)) from exc
+    except BaseException:
+        await pool.close()
+        raise
+    return pool
+
+
+async def _connect_error(conninfo: str, exc: BaseException) -> str:
+    """The pool only says it timed out; say why by connecting once directly."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(conninfo, connect_timeout=3)
+    except psycopg.OperationalError as direct:
         return str(direct).strip().splitlines()[0]
-    conn.close()
+    await conn.close()
     return str(exc)
 
 

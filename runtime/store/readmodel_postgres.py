@@ -25,8 +25,7 @@ from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from runtime.errors import InvalidRequestError, StoreError, StoreUnavailableError
-from runtime.store.migrate import migrate
-from runtime.store.postgres import connection_string, describe_dsn
+from runtime.store.postgres import connection_string, describe_dsn, open_pool
 from runtime.store.readmodel import (
     Document,
     Entry,
@@ -88,30 +87,16 @@ class PostgresReadModelStore:
         """Open a pool on ``dsn`` (the event store's session settings: search path, statement
         and idle-in-transaction timeouts), migrate ``schema`` unless told not to."""
         conninfo = connection_string(dsn, schema=schema)
-        pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
+        pool = await open_pool(
+            dsn,
             conninfo,
+            name=f"magasin-read-models-{schema}",
+            schema=schema,
             min_size=min_size,
             max_size=max_size,
-            kwargs={"autocommit": True},
-            open=False,
-            timeout=connect_timeout,
-            name=f"magasin-read-models-{schema}",
+            connect_timeout=connect_timeout,
+            run_migrations=run_migrations,
         )
-        try:
-            await pool.open(wait=True, timeout=connect_timeout)
-            if run_migrations:
-                async with pool.connection() as conn:
-                    await conn.set_autocommit(False)
-                    try:
-                        await migrate(conn, schema)
-                    finally:
-                        await conn.set_autocommit(True)
-        except PoolTimeout as exc:
-            await pool.close()
-            raise StoreUnavailableError(describe_dsn(dsn), await _why(conninfo, exc)) from exc
-        except BaseException:
-            await pool.close()
-            raise
         logger.info(
             "read-model store ready on {where}, schema {schema}",
             where=describe_dsn(dsn),
@@ -278,13 +263,3 @@ def _translate(exc: BaseException, doing: str, where: str, schema: str) -> Store
     if isinstance(exc, psycopg.DataError):
         return InvalidRequestError(f"{doing} was refused by PostgreSQL: {exc}")
     return StoreError(f"{doing} failed: {exc}")
-
-
-async def _why(conninfo: str, exc: BaseException) -> str:
-    """The pool only says it timed out; say why by connecting once directly."""
-    try:
-        conn = await psycopg.AsyncConnection.connect(conninfo, connect_timeout=3)
-    except psycopg.OperationalError as direct:
-        return str(direct).strip().splitlines()[0]
-    await conn.close()
-    return str(exc)
