@@ -60,7 +60,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +91,7 @@ from runtime.projection import ProjectionHandler
 from runtime.store import EventCodec, Metadata, NewEvent, StreamId
 from runtime.store.codec import Envelope
 from runtime.store.postgres import PostgresEventStore, connection_string
+from runtime.store.protocol import RecordedEvent
 from runtime.store.readmodel import ReadModelTx
 from runtime.supervisor import Supervisor
 from runtime.topology import Topology, parse_topology
@@ -220,11 +221,24 @@ class FlowProjection(ProjectionHandler):
         doc["version"] = event.version
         await tx.put("accounts", event.aggregate_id, doc)
 
+    def prefetch(self, record: RecordedEvent) -> Iterable[tuple[str, str]]:
+        return [("accounts", record.aggregate_id)]
+
     async def handle(self, delivery: Delivery) -> None:
         await super().handle(delivery)  # returns once the read-model transaction committed
+        self._projected([delivery])
+
+    async def handle_batch(self, deliveries: Sequence[Delivery]) -> None:
+        await super().handle_batch(deliveries)  # one transaction, committed
+        self._projected(deliveries)
+
+    def _projected(self, deliveries: Sequence[Delivery]) -> None:
         timings = type(self).timings
-        if timings is not None and delivery.message_id not in timings.projected:
-            timings.projected[delivery.message_id] = time.perf_counter()
+        if timings is None:
+            return
+        now = time.perf_counter()
+        for delivery in deliveries:
+            timings.projected.setdefault(delivery.message_id, now)
 
 
 class TimedBus(RabbitMQBus):

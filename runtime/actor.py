@@ -13,13 +13,19 @@ What counts as what:
   with backoff (no requeue, so no delivery-limit count is burned during an outage);
 - the handler overrunning ``handler_timeout`` → the message takes a retry rung and the
   actor crashes, since a stuck handler's state cannot be trusted.
+
+Batches: a handler that also has ``handle_batch`` (a ``BatchHandler``: projections) is given
+what waits in a worker's mailbox at once, up to the actor's ``batch_size``, to commit in one
+transaction; each delivery is acked after it returns. If the batch fails in any way (or
+overruns the timeout), its deliveries are handled again one by one through ``handle``, which
+settles each as above: the handler must be all or nothing and deduplicate, as projections do.
 """
 
 from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
@@ -111,6 +117,13 @@ class MessageHandler(Protocol):
     if it is an async context manager it is entered for the life of the instance."""
 
     async def handle(self, delivery: Delivery) -> None: ...
+
+
+@runtime_checkable
+class BatchHandler(MessageHandler, Protocol):
+    """A handler that can also take several deliveries in one transaction."""
+
+    async def handle_batch(self, deliveries: Sequence[Delivery]) -> None: ...
 
 
 @runtime_checkable
@@ -228,9 +241,56 @@ class QueueActor:
         # On drain the mailbox is finished, not handed back: it holds at most ``prefetch``
         # messages, and requeueing them would let later messages of the same key overtake
         # them. What the grace period cannot finish goes back when the channel closes.
+        limit = self.context.spec.batch_size
+        batching = limit > 1 and isinstance(self.handler, BatchHandler)
         async with receive:
             async for delivery in receive:
-                await self._process(delivery)
+                batch = [delivery]
+                while batching and len(batch) < limit:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                if len(batch) == 1:
+                    await self._process(delivery)
+                elif not await self._process_batch(batch):
+                    for one in batch:
+                        await self._process(one)
+
+    async def _process_batch(self, batch: list[Delivery]) -> bool:
+        """Handle and ack ``batch`` in one go; False (nothing settled) if that failed."""
+        ctx = self.context
+        handler = self.handler
+        assert isinstance(handler, BatchHandler)
+        for delivery in batch:
+            self.hooks.before_handle(ctx.name, delivery)
+        started = time.perf_counter()
+        self._in_flight += len(batch)
+        try:
+            with (
+                logger.contextualize(actor=ctx.name, batch=len(batch)),
+                anyio.move_on_after(ctx.spec.retry.handler_timeout) as deadline,
+            ):
+                await handler.handle_batch(batch)
+        except Exception as exc:  # noqa: BLE001 - each message gets its own outcome next
+            logger.debug(
+                "actor {actor}: a batch of {count} failed ({error!r}); handling them one by one",
+                actor=ctx.name,
+                count=len(batch),
+                error=exc,
+            )
+            return False
+        finally:
+            self._in_flight -= len(batch)
+        if deadline.cancelled_caught:
+            return False
+        for delivery in batch:
+            await ctx.bus.ack(delivery)
+        self._handled += len(batch)
+        seconds = time.perf_counter() - started
+        for delivery in batch:
+            self.hooks.after_handle(ctx.name, delivery, "ack", seconds, None)
+        return True
 
     async def _process(self, delivery: Delivery) -> None:
         ctx = self.context

@@ -11,6 +11,13 @@ pure effect on the read model. ``handle`` does the rest, in one read-model trans
    the missing events from the event store, which is the truth, and apply them first;
 4. record the new version, commit; the runtime acks once ``handle`` returns.
 
+``handle_batch`` does the same for several deliveries in one transaction (the runtime hands
+a worker's waiting mailbox over at once, up to the actor's ``batch_size``): it locks every
+aggregate's version in one statement, in key order, reads what ``prefetch`` names in one
+statement per collection, applies each stream's events in order, and commits once; the
+runtime acks each delivery after that commit. If the batch fails as a whole, the runtime
+handles its deliveries one by one, so a bad message still gets its own retry or dead letter.
+
 So the read model is always the fold of a prefix of each stream, whatever the bus does
 (guarantees 2 and 3); a late copy of an event the gap healing already applied is then a
 duplicate. The read-model store comes from the topology's ``database_url`` (``memory://``:
@@ -20,6 +27,7 @@ the process-wide embedded store, which queries share) and the actor's ``schema``
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -59,6 +67,11 @@ class ProjectionHandler(abc.ABC):
         """The event's effect on the read model, through ``tx`` only (it may run again if
         the transaction is retried, so keep other side effects out of it)."""
 
+    def prefetch(self, record: RecordedEvent) -> Iterable[tuple[str, str]]:
+        """The documents (collection, key) that ``apply`` will read for ``record``: a batch
+        reads them all in one statement per collection beforehand. Optional."""
+        return ()
+
     @property
     def read_models(self) -> ReadModelStore:
         if self._read_models is None:
@@ -94,7 +107,31 @@ class ProjectionHandler(abc.ABC):
         async def project(tx: ReadModelTx) -> int:
             return await self.project(tx, record)
 
-        applied = await self.read_models.run(self.projection, project)
+        self._count(await self.read_models.run(self.projection, project))
+
+    async def handle_batch(self, deliveries: Sequence[Delivery]) -> None:
+        records = [decode_event(d.message_id, d.body) for d in deliveries]
+        streams: dict[str, list[RecordedEvent]] = {}
+        for record in records:
+            streams.setdefault(record.aggregate_id, []).append(record)
+        wanted: dict[str, list[str]] = {}
+        for record in records:
+            for collection, key in self.prefetch(record):
+                wanted.setdefault(collection, []).append(key)
+
+        async def project(tx: ReadModelTx) -> int:
+            await tx.last_versions(list(streams))
+            for collection, keys in wanted.items():
+                await tx.get_many(collection, keys)
+            applied = 0
+            for aggregate_id in sorted(streams):
+                for record in streams[aggregate_id]:
+                    applied += await self.project(tx, record)
+            return applied
+
+        self._count(await self.read_models.run(self.projection, project))
+
+    def _count(self, applied: int) -> None:
         if applied:
             counter = getattr(self.context.metrics, "projection_updates_total", None)
             if counter is not None:

@@ -11,8 +11,14 @@ advisory lock). The others wait as standbys and take over within about a second 
 leader dies or loses its connection; the old leader checks its lease before every
 checkpoint and stops when it has lost it.
 
+The checkpoint is saved at most every ``checkpoint_interval`` (and when the relay stops),
+not after every batch: at a low rate a batch holds one event, and two more round trips per
+event would double the relay's cost. A crash replays at most that interval's events, which
+consumers deduplicate.
+
 Options (``actors.relay.options``): ``checkpoint`` (name, default ``relay``),
-``batch_size`` (default 500), ``max_in_flight`` (publishes awaiting confirms, default 256).
+``batch_size`` (default 500), ``max_in_flight`` (publishes awaiting confirms, default 256),
+``checkpoint_interval`` (seconds, default 0.2; 0 saves after every batch).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from anyio.abc import TaskStatus
 from loguru import logger
 
 from runtime.actor import ActorContext
-from runtime.errors import ConfigurationError
+from runtime.errors import ConfigurationError, MagasinError
 from runtime.messages import encode_event, event_headers, routing_key
 from runtime.store.protocol import Checkpoint, Lease, RecordedEvent
 
@@ -39,10 +45,13 @@ class Relay:
         self.name = str(options.get("checkpoint", "relay"))
         self.batch_size = int(options.get("batch_size", 500))
         self.max_in_flight = int(options.get("max_in_flight", 256))
+        self.checkpoint_interval = float(options.get("checkpoint_interval", 0.2))
         self.domains = dict(context.topology.domains)
         self.leading = False
         self.published = 0
         self.checkpoint = Checkpoint.START
+        self._saved = Checkpoint.START
+        self._last_save = 0.0
         self._limiter = anyio.CapacityLimiter(self.max_in_flight)
         self._last_lag_update = 0.0
 
@@ -58,12 +67,19 @@ class Relay:
                 name=self.name,
                 checkpoint=self.checkpoint,
             )
+            self._saved = self.checkpoint
             try:
-                async with aclosing(store.subscribe(self.checkpoint, self.batch_size)) as batches:
-                    async for batch in batches:
-                        await self._relay(batch, lease)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._save_when_idle, lease)
+                    async with aclosing(
+                        store.subscribe(self.checkpoint, self.batch_size)
+                    ) as batches:
+                        async for batch in batches:
+                            await self._relay(batch, lease)
             finally:
                 self.leading = False
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await self._save(lease)
 
     async def _relay(self, batch: list[RecordedEvent], lease: Lease) -> None:
         async with anyio.create_task_group() as tg:
@@ -71,12 +87,44 @@ class Relay:
                 await self._limiter.acquire_on_behalf_of(record.event_id)
                 tg.start_soon(self._publish, record)
         # Every event of the batch is confirmed by the broker: only now may the
-        # checkpoint move, and only if this process still leads.
-        await lease.check()
+        # checkpoint move (saved by ``_save``, only while this process still leads).
         self.checkpoint = batch[-1].checkpoint
-        await self.context.store.save_checkpoint(self.name, self.checkpoint)
         self.published += len(batch)
+        if time.monotonic() - self._last_save >= self.checkpoint_interval:
+            await self._save(lease)
         await self._update_lag()
+
+    async def _save(self, lease: Lease) -> None:
+        """Save the checkpoint if it moved, after checking the lease."""
+        self._last_save = time.monotonic()
+        if self.checkpoint == self._saved:
+            return
+        await lease.check()
+        checkpoint = self.checkpoint
+        await self.context.store.save_checkpoint(self.name, checkpoint)
+        self._saved = checkpoint
+
+    async def _save_on_the_way_out(self, lease: Lease) -> None:
+        """What was confirmed since the last save, unless the lease or the store is gone
+        (then the next leader replays it: duplicates, never a loss)."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            try:
+                await self._save(lease)
+            except MagasinError as exc:
+                logger.info(
+                    "relay {name}: checkpoint {checkpoint} not saved on the way out ({exc})",
+                    name=self.name,
+                    checkpoint=self.checkpoint,
+                    exc=exc,
+                )
+
+    async def _save_when_idle(self, lease: Lease) -> None:
+        """The last batches before a pause are saved too, within an interval."""
+        interval = max(self.checkpoint_interval, 0.05)
+        while True:
+            await anyio.sleep(interval)
+            if time.monotonic() - self._last_save >= interval:
+                await self._save(lease)
 
     async def _publish(self, record: RecordedEvent) -> None:
         try:

@@ -151,6 +151,8 @@ class ActorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     queues: tuple[ActorQueue, ...] = ()  # extra queues, after `queue`
     consumers: PositiveInt = 1
     prefetch: PositiveInt = 32
+    # Deliveries a worker hands at once to a handler with ``handle_batch`` (one transaction).
+    batch_size: PositiveInt = 64
     queue_type: QueueType = "quorum"
     delivery_limit: PositiveInt = 20
     retry: RetrySpec = RetrySpec()
@@ -888,7 +890,10 @@ def _actor_lines(actor: ActorSpec) -> Iterator[str]:
     if not actor.consumes:
         yield f"    restart:  {_restart_text(restart)}"
         return
-    yield f"    workers:  {actor.consumers} consumer(s), prefetch {actor.prefetch}"
+    yield (
+        f"    workers:  {actor.consumers} consumer(s), prefetch {actor.prefetch}, "
+        f"batches of up to {actor.batch_size}"
+    )
     yield f"    restart:  {_restart_text(restart)}"
     waits = [retry.delay_after(failures) for failures in range(1, retry.max_attempts)]
     yield (

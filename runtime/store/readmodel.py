@@ -17,7 +17,7 @@ process reads what the projection actor wrote.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -53,6 +53,12 @@ class ReadModelTx(Protocol):
         transaction ends, also when the document does not exist yet."""
         ...
 
+    async def get_many(self, collection: str, keys: Sequence[str]) -> dict[str, Document]:
+        """The documents of ``keys`` that exist, by key, in one read (no lock). A later
+        ``get`` of one of them without ``for_update`` may answer from this read (a batch
+        prefetches what its events touch); ``for_update`` always reads afresh."""
+        ...
+
     async def put(self, collection: str, key: str, doc: Document) -> None:
         """Create or replace the document."""
         ...
@@ -70,6 +76,11 @@ class ReadModelTx(Protocol):
     async def last_version(self, aggregate_id: str) -> int:
         """The last version of the aggregate this projection applied (0: none), locked
         until the transaction ends."""
+        ...
+
+    async def last_versions(self, aggregate_ids: Sequence[str]) -> dict[str, int]:
+        """``last_version`` of several aggregates at once, locked in key order (so that two
+        transactions locking overlapping sets never deadlock)."""
         ...
 
     async def set_last_version(self, aggregate_id: str, version: int) -> None:

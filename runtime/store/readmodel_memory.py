@@ -10,7 +10,7 @@ other forever: take the aggregate's version first, then documents in a fixed ord
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -144,6 +144,14 @@ class MemoryReadModelTx:
             raw = self._store._docs.get((self._projection, collection), {}).get(key)
         return None if raw is None else decode_document(raw)
 
+    async def get_many(self, collection: str, keys: Sequence[str]) -> dict[str, Document]:
+        found: dict[str, Document] = {}
+        for key in keys:
+            doc = await self.get(collection, key)
+            if doc is not None:
+                found[key] = doc
+        return found
+
     async def put(self, collection: str, key: str, doc: Document) -> None:
         self._check_open()
         self._writes[(collection, key)] = encode_document(collection, key, doc)
@@ -174,6 +182,11 @@ class MemoryReadModelTx:
         check_name("aggregate_id", aggregate_id)
         await self._lock(("version", self._projection, aggregate_id))
         return self._version(aggregate_id)
+
+    async def last_versions(self, aggregate_ids: Sequence[str]) -> dict[str, int]:
+        for aggregate_id in aggregate_ids:
+            check_name("aggregate_id", aggregate_id)
+        return {a: await self.last_version(a) for a in sorted(set(aggregate_ids))}
 
     async def set_last_version(self, aggregate_id: str, version: int) -> None:
         check_name("aggregate_id", aggregate_id)

@@ -8,14 +8,20 @@ record are in that one transaction, so a retry after a commit that did land is a
 
 Locks, in READ COMMITTED: ``last_version`` takes the aggregate's version row FOR UPDATE
 (creating it at 0 with an upsert if missing, which also waits for a concurrent creator);
-``get(..., for_update=True)`` takes a transaction-scoped advisory lock on the document's
-address before reading it, in a statement of its own so the read sees what the previous
-holder committed.
+``last_versions`` takes several in one upsert, in key order so that two batches never wait
+on each other in a cycle; ``get(..., for_update=True)`` takes a transaction-scoped advisory
+lock on the document's address before reading it, in a statement of its own so the read sees
+what the previous holder committed.
+
+Round trips: writes (``put``, ``delete``, ``set_last_version``) are staged in the transaction
+object, which reads them back, and sent at commit in one statement per kind; ``get_many``
+reads several documents in one. A batch of events therefore costs a few round trips plus
+one per document read, not several per event.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any, TypeVar
 
@@ -42,10 +48,6 @@ AsyncConn = psycopg.AsyncConnection[Any]
 
 _GET = "SELECT doc::text FROM read_models WHERE projection = %s AND collection = %s AND key = %s"
 _LOCK_DOC = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
-_PUT = """
-INSERT INTO read_models (projection, collection, key, doc) VALUES (%s, %s, %s, %s::jsonb)
-ON CONFLICT (projection, collection, key) DO UPDATE SET doc = excluded.doc, updated_at = now()"""
-_DELETE = "DELETE FROM read_models WHERE projection = %s AND collection = %s AND key = %s"
 _LIST = """
 SELECT key, doc::text FROM read_models
  WHERE projection = %s AND collection = %s AND key > %s
@@ -59,10 +61,27 @@ _CREATE_VERSION = """
 INSERT INTO projection_versions (projection, aggregate_id, version) VALUES (%s, %s, 0)
 ON CONFLICT (projection, aggregate_id) DO UPDATE SET version = projection_versions.version
 RETURNING version"""
-_SET_VERSION = """
-INSERT INTO projection_versions (projection, aggregate_id, version) VALUES (%s, %s, %s)
+_SET_VERSIONS = """
+INSERT INTO projection_versions (projection, aggregate_id, version)
+SELECT %s, a, v FROM unnest(%s::text[], %s::integer[]) AS t (a, v)
 ON CONFLICT (projection, aggregate_id) DO UPDATE SET version = excluded.version
  WHERE projection_versions.version < excluded.version"""
+# Lock (creating at 0 where missing) several version rows in one statement, in key order.
+_LOCK_VERSIONS = """
+INSERT INTO projection_versions (projection, aggregate_id, version)
+SELECT %s, a, 0 FROM unnest(%s::text[]) AS a ORDER BY a
+ON CONFLICT (projection, aggregate_id) DO UPDATE SET version = projection_versions.version
+RETURNING aggregate_id, version"""
+_GET_MANY = """
+SELECT key, doc::text FROM read_models
+ WHERE projection = %s AND collection = %s AND key = ANY(%s::text[])"""
+_PUT_MANY = """
+INSERT INTO read_models (projection, collection, key, doc)
+SELECT %s, c, k, d::jsonb FROM unnest(%s::text[], %s::text[], %s::text[]) AS t (c, k, d)
+ON CONFLICT (projection, collection, key) DO UPDATE SET doc = excluded.doc, updated_at = now()"""
+_DELETE_MANY = """
+DELETE FROM read_models AS r USING unnest(%s::text[], %s::text[]) AS t (c, k)
+ WHERE r.projection = %s AND r.collection = t.c AND r.key = t.k"""
 
 
 class PostgresReadModelStore:
@@ -124,6 +143,7 @@ class PostgresReadModelStore:
                 tx = PostgresReadModelTx(conn, projection, self._where, self._schema)
                 try:
                     yield tx
+                    await tx.flush()  # the staged writes, just before the commit
                 finally:
                     tx.closed = True
         except (psycopg.Error, PoolTimeout) as exc:
@@ -184,21 +204,22 @@ class PostgresReadModelStore:
 
 
 class PostgresReadModelTx:
-    """One projection's statements inside one open PostgreSQL transaction."""
+    """One projection's statements inside one open PostgreSQL transaction; writes are staged
+    here (and read back) until :meth:`flush`, which the store calls before committing."""
 
     def __init__(self, conn: AsyncConn, projection: str, where: str, schema: str) -> None:
         self._conn = conn
         self._projection = projection
         self._where = where
         self._schema = schema
+        self._writes: dict[tuple[str, str], str | None] = {}  # None: deleted
+        self._versions: dict[str, int] = {}  # locked: last applied, staged included
+        self._staged: set[str] = set()  # aggregates whose version is to be written
+        self._read: dict[tuple[str, str], str | None] = {}  # what get_many read (None: absent)
         self.closed = False
 
     async def _fetch(self, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        if self.closed:
-            raise InvalidRequestError(
-                f"this read-model transaction of {self._projection!r} has ended; "
-                "open a new one with transaction()"
-            )
+        self._check_open()
         try:
             cur = await self._conn.execute(query, params)
             return await cur.fetchall() if cur.description is not None else []
@@ -206,45 +227,117 @@ class PostgresReadModelTx:
             doing = f"a read-model statement of {self._projection!r}"
             raise _translate(exc, doing, self._where, self._schema) from exc
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise InvalidRequestError(
+                f"this read-model transaction of {self._projection!r} has ended; "
+                "open a new one with transaction()"
+            )
+
     async def get(self, collection: str, key: str, *, for_update: bool = False) -> Document | None:
+        self._check_open()
         check_name("collection", collection)
         check_name("key", key)
         if for_update:
             address = "\x1f".join(("magasin.read_models", self._projection, collection, key))
             await self._fetch(_LOCK_DOC, (address,))
+        if (collection, key) in self._writes:
+            staged = self._writes[(collection, key)]
+            return None if staged is None else decode_document(staged)
+        if not for_update and (collection, key) in self._read:
+            read = self._read[(collection, key)]
+            return None if read is None else decode_document(read)
         rows = await self._fetch(_GET, (self._projection, collection, key))
         return decode_document(rows[0][0]) if rows else None
 
+    async def get_many(self, collection: str, keys: Sequence[str]) -> dict[str, Document]:
+        self._check_open()
+        check_name("collection", collection)
+        for key in keys:
+            check_name("key", key)
+        found: dict[str, Document] = {}
+        wanted: list[str] = []
+        for key in dict.fromkeys(keys):
+            if (collection, key) in self._writes:
+                staged = self._writes[(collection, key)]
+                if staged is not None:
+                    found[key] = decode_document(staged)
+            else:
+                wanted.append(key)
+        if wanted:
+            rows = await self._fetch(_GET_MANY, (self._projection, collection, wanted))
+            raw: dict[str, str | None] = dict.fromkeys(wanted)
+            raw.update(rows)
+            for key, doc in raw.items():
+                self._read[(collection, key)] = doc
+                if doc is not None:
+                    found[key] = decode_document(doc)
+        return found
+
     async def put(self, collection: str, key: str, doc: Document) -> None:
-        encoded = encode_document(collection, key, doc)
-        await self._fetch(_PUT, (self._projection, collection, key, encoded.decode()))
+        self._check_open()
+        self._writes[(collection, key)] = encode_document(collection, key, doc).decode()
 
     async def delete(self, collection: str, key: str) -> None:
+        self._check_open()
         check_name("collection", collection)
         check_name("key", key)
-        await self._fetch(_DELETE, (self._projection, collection, key))
+        self._writes[(collection, key)] = None
 
     async def list(
         self, collection: str, *, limit: int = 100, after_key: str | None = None
     ) -> list[Entry]:
         check_name("collection", collection)
         check_page(limit, after_key)
+        await self.flush()  # the staged writes take part in the page
         # Keys are never empty, so '' is below every key.
         rows = await self._fetch(_LIST, (self._projection, collection, after_key or "", limit))
         return [(key, decode_document(doc)) for key, doc in rows]
 
     async def last_version(self, aggregate_id: str) -> int:
         check_name("aggregate_id", aggregate_id)
+        if aggregate_id in self._versions:
+            return self._versions[aggregate_id]
         params = (self._projection, aggregate_id)
         rows = await self._fetch(_LOCK_VERSION, params) or await self._fetch(
             _CREATE_VERSION, params
         )
-        return int(rows[0][0])
+        version = self._versions[aggregate_id] = int(rows[0][0])
+        return version
+
+    async def last_versions(self, aggregate_ids: Sequence[str]) -> dict[str, int]:
+        for aggregate_id in aggregate_ids:
+            check_name("aggregate_id", aggregate_id)
+        missing = sorted({a for a in aggregate_ids if a not in self._versions})
+        if missing:
+            rows = await self._fetch(_LOCK_VERSIONS, (self._projection, missing))
+            self._versions.update((aggregate_id, int(v)) for aggregate_id, v in rows)
+        return {a: self._versions[a] for a in aggregate_ids}
 
     async def set_last_version(self, aggregate_id: str, version: int) -> None:
         check_name("aggregate_id", aggregate_id)
         check_version(version)
-        await self._fetch(_SET_VERSION, (self._projection, aggregate_id, version))
+        current = await self.last_version(aggregate_id)  # locks it, as the memory store does
+        if version > current:
+            self._versions[aggregate_id] = version
+            self._staged.add(aggregate_id)
+
+    async def flush(self) -> None:
+        """Send the staged writes (three statements at most); called before the commit."""
+        self._check_open()
+        writes, self._writes = self._writes, {}
+        puts = [(c, k, d) for (c, k), d in writes.items() if d is not None]
+        deletes = [(c, k) for (c, k), d in writes.items() if d is None]
+        if puts:
+            columns = [list(column) for column in zip(*puts, strict=True)]
+            await self._fetch(_PUT_MANY, (self._projection, *columns))
+        if deletes:
+            collections, keys = ([c for c, _ in deletes], [k for _, k in deletes])
+            await self._fetch(_DELETE_MANY, (collections, keys, self._projection))
+        staged, self._staged = sorted(self._staged), set()
+        if staged:
+            versions = [self._versions[a] for a in staged]
+            await self._fetch(_SET_VERSIONS, (self._projection, staged, versions))
 
 
 def _translate(exc: BaseException, doing: str, where: str, schema: str) -> StoreError:

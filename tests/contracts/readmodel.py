@@ -216,6 +216,56 @@ class ReadModelStoreContract:
         async with read_models.transaction(P) as tx:
             assert await tx.last_version("agg") == 2
 
+    async def test_get_many_reads_committed_and_staged_documents_and_omits_missing(
+        self, read_models: ReadModelStore
+    ) -> None:
+        await put(read_models, P, "accounts", "a", balance=1)
+        await put(read_models, P, "accounts", "b", balance=2)
+        async with read_models.transaction(P) as tx:
+            await tx.put("accounts", "c", {"balance": 3})
+            await tx.delete("accounts", "b")
+            found = await tx.get_many("accounts", ["a", "b", "c", "nobody", "a"])
+            assert found == {"a": {"balance": 1}, "c": {"balance": 3}}
+            assert await tx.get_many("accounts", []) == {}
+            assert await tx.get_many("other", ["a"]) == {}
+
+    async def test_last_versions_locks_several_and_sees_staged_versions(
+        self, read_models: ReadModelStore
+    ) -> None:
+        async with read_models.transaction(P) as tx:
+            await tx.set_last_version("b", 4)
+        async with read_models.transaction(P) as tx:
+            assert await tx.last_versions(["c", "b", "a"]) == {"a": 0, "b": 4, "c": 0}
+            await tx.set_last_version("a", 2)
+            assert await tx.last_versions(["a", "b"]) == {"a": 2, "b": 4}
+            assert await tx.last_version("c") == 0
+        async with read_models.transaction(P) as tx:
+            assert await tx.last_versions(["a", "b", "c"]) == {"a": 2, "b": 4, "c": 0}
+
+    async def test_batches_locking_overlapping_aggregates_in_any_order_all_commit(
+        self, read_models: ReadModelStore
+    ) -> None:
+        """Each batch names the same aggregates in its own order; the locks are taken in
+        key order, so no two wait on each other in a cycle and every batch commits."""
+        ids = [f"agg-{n}" for n in range(6)]
+
+        async def batch(n: int) -> None:
+            order = ids[n % 6 :] + ids[: n % 6]
+            if n % 2:
+                order.reverse()
+            async with read_models.transaction(P) as tx:
+                last = await tx.last_versions(order)
+                await anyio.sleep(0.01)
+                for aggregate_id in order:
+                    await tx.set_last_version(aggregate_id, last[aggregate_id] + 1)
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for n in range(8):
+                    tg.start_soon(batch, n)
+        async with read_models.transaction(P) as tx:
+            assert await tx.last_versions(ids) == dict.fromkeys(ids, 8)
+
     async def test_a_second_transaction_on_the_same_aggregate_waits_for_the_first(
         self, read_models: ReadModelStore
     ) -> None:

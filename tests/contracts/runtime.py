@@ -17,7 +17,7 @@ from runtime.observability.metrics import Metrics
 from runtime.store.memory import MemoryEventStore
 from runtime.supervisor import Supervisor
 from runtime.topology import Topology, parse_topology
-from tests.support.workers import ATTEMPTS, HANDLED, REDELIVERED, job
+from tests.support.workers import ATTEMPTS, BATCHES, HANDLED, REDELIVERED, job
 
 EXCHANGE = "complaints.events"
 
@@ -31,6 +31,8 @@ def worker_topology(
     max_attempts: int = 3,
     handler_timeout: str = "5s",
     max_restarts: int = 10,
+    handler: str = "Recorder",
+    batch_size: int = 64,
 ) -> Topology:
     return parse_topology(
         f"""
@@ -42,8 +44,9 @@ defaults:
 actors:
   worker:
     kind: subscriber
-    handler: tests.support.workers:Recorder
+    handler: tests.support.workers:{handler}
     queue: {queue}
+    batch_size: {batch_size}
     bind: {{{EXCHANGE}: ["{registry}.#"]}}
     consumers: {consumers}
     prefetch: {prefetch}
@@ -190,6 +193,48 @@ class RuntimeContract:
         assert [a for _, _, a in ATTEMPTS[registry]] == [0, 0]
         assert REDELIVERED[registry] == set()
         assert await bus.list_dead_letters(queue) == []
+
+    async def test_a_batch_handler_takes_its_mailbox_at_once_in_order_each_message_once(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        registry, queue = names
+        topology = worker_topology(
+            registry, queue, prefetch=64, handler="BatchRecorder", batch_size=16
+        )
+        keys = [f"k{i}" for i in range(4)]
+        async with running(bus, topology):
+            await publish(bus, registry, "first", 0, "sleep", seconds=0.3)  # the mailbox fills
+            for seq in range(30):
+                for key in keys:
+                    await publish(bus, registry, key, seq)
+            await wait_until(lambda: len(HANDLED[registry]) == 121)
+            await anyio.sleep(0.2)  # nothing more arrives
+        expected = [("first", 0, 0), *((k, s, 0) for k in keys for s in range(30))]
+        assert sorted(HANDLED[registry]) == sorted(expected)
+        for key in keys:
+            assert [s for k, s, _ in HANDLED[registry] if k == key] == list(range(30))
+        assert max(BATCHES[registry]) > 1, "the mailbox was never handed over as a batch"
+        assert max(BATCHES[registry]) <= 16
+
+    async def test_a_failing_batch_is_handled_again_one_message_at_a_time(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        """The batch fails as a whole; then each message gets its own outcome: the good
+        ones are handled once, the rejected one is dead-lettered, the outage is waited out."""
+        registry, queue = names
+        topology = worker_topology(registry, queue, handler="BatchRecorder", batch_size=16)
+        async with running(bus, topology):
+            await publish(bus, registry, "first", 0, "sleep", seconds=0.3)  # mailbox fills
+            await publish(bus, registry, "a", 0)
+            await publish(bus, registry, "bad", 0, "reject")
+            await publish(bus, registry, "db", 0, "down")
+            await publish(bus, registry, "a", 1)
+            await wait_until(lambda: len(HANDLED[registry]) == 4)
+            letters = await _wait_dead_letters(bus, queue, 1)
+        handled = [(k, s) for k, s, _ in HANDLED[registry]]
+        assert sorted(handled) == [("a", 0), ("a", 1), ("db", 0), ("first", 0)]
+        assert handled.index(("a", 0)) < handled.index(("a", 1))
+        assert [letter.error_type for letter in letters] == ["Reject"]
 
     async def test_an_unroutable_publish_is_the_messages_failure_not_the_actors(
         self, bus: Bus, names: tuple[str, str]

@@ -10,6 +10,7 @@ Body commands (JSON ``{"key": ..., "seq": ..., "do": ...}``):
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -24,6 +25,8 @@ HANDLED: defaultdict[str, list[tuple[str, int, int]]] = defaultdict(list)
 #: registry name -> every attempt started, as (key, seq, attempts)
 ATTEMPTS: defaultdict[str, list[tuple[str, int, int]]] = defaultdict(list)
 DOWN_ONCE: set[str] = set()
+#: registry name -> the size of each batch a BatchRecorder committed
+BATCHES: defaultdict[str, list[int]] = defaultdict(list)
 #: registry name -> (key, seq) of messages that arrived redelivered at least once
 REDELIVERED: defaultdict[str, set[tuple[str, int]]] = defaultdict(set)
 
@@ -64,6 +67,21 @@ class Recorder:
                 DOWN_ONCE.add(marker)
                 raise StoreUnavailableError("test-db", "connection refused")
         HANDLED[self.registry].append(entry)
+
+
+class BatchRecorder(Recorder):
+    """Takes batches all or nothing: a batch holding anything but ``ok`` (or ``sleep``)
+    fails as a whole, as a transaction would, and the runtime hands its messages to
+    ``handle`` one by one."""
+
+    async def handle_batch(self, deliveries: Sequence[Delivery]) -> None:
+        jobs = [decode_body(delivery, Job) for delivery in deliveries]
+        if any(job.do not in ("ok", "sleep") for job in jobs):
+            raise RuntimeError("the batch holds a job that fails: rolled back")
+        for job, delivery in zip(jobs, deliveries, strict=True):
+            ATTEMPTS[self.registry].append((job.key, job.seq, delivery.attempts))
+            HANDLED[self.registry].append((job.key, job.seq, delivery.attempts))
+        BATCHES[self.registry].append(len(jobs))
 
 
 def job(key: str, seq: int, do: str = "ok", seconds: float = 0.0, **extra: Any) -> bytes:

@@ -62,8 +62,11 @@ async def test_the_relay_publishes_every_event_in_store_order() -> None:
         assert 'events_published_total{event_type="Opened",exchange="complaints.events"} 10' in text
 
 
-def store_checkpoint_reached(store: MemoryEventStore) -> bool:
-    return store._checkpoints.get("relay") is not None
+def store_checkpoint_reached(store: MemoryEventStore, position: int = 50) -> bool:
+    """Saved while the relay runs: the last batches before a pause are checkpointed within
+    the relay's ``checkpoint_interval`` without waiting for more events or a stop."""
+    saved = store._checkpoints.get("relay")
+    return saved is not None and saved.position == position
 
 
 async def test_an_event_of_an_unmapped_domain_stops_the_relay_with_a_plain_reason() -> None:
