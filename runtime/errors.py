@@ -164,6 +164,20 @@ class UnknownQueueError(BusError):
     """A queue the request names does not exist."""
 
 
+class RequestTimeoutError(BusError):
+    """Nobody answered a request in time; an answer arriving later is dropped."""
+
+    def __init__(self, queue: str, message_id: str, timeout: float) -> None:
+        self.queue = queue
+        self.message_id = message_id
+        self.timeout = timeout
+        super().__init__(
+            f"no answer from queue {queue!r} to request {message_id} within {timeout:g}s: is the "
+            "actor consuming it running? Retrying with the same id is safe when the handler is "
+            "idempotent"
+        )
+
+
 # --- actors and supervision ---------------------------------------------------------------
 
 

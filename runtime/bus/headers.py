@@ -1,15 +1,23 @@
-"""What a failed message carries, and how a bus parks it: written once for both buses.
+"""What a failed message carries, how a bus parks it, and how a bus matches answers to
+its requests: written once for both buses.
 
 A retry or a dead letter is a copy the application publishes (confirmed) to the retry rung
 or the DLQ with the failure headers, then the original delivery is acked: the broker's own
 dead-lettering is used only for the TTL hop back to the work queue (PITFALLS: a
-dead-letter cycle without a ``rejected`` step would be dropped by the broker).
+dead-letter cycle without a ``rejected`` step would be dropped by the broker). A request
+stays a request there: the copy keeps its reply address and correlation id, so an answer
+after a retry still reaches a requester that is still waiting.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+
+import anyio
+from loguru import logger
 
 from runtime.bus.protocol import (
     X_ACTOR,
@@ -23,7 +31,9 @@ from runtime.bus.protocol import (
     Delivery,
     Headers,
     HeaderValue,
+    Reply,
 )
+from runtime.errors import BusError, RequestTimeoutError
 from runtime.naming import dead_letter_queue, retry_queue
 
 MAX_ERROR_LENGTH = 1000
@@ -112,7 +122,83 @@ class RepublishingSettlement:
 
     async def _park(self, delivery: Delivery, queue: str, error: BaseException, actor: str) -> None:
         headers = failure_headers(delivery, error=error, actor=actor)
+        await self._publish_copy(delivery, queue, headers)
+        await self.ack(delivery)  # only once the copy is confirmed
+
+    async def _publish_copy(
+        self, delivery: Delivery, queue: str, headers: dict[str, HeaderValue]
+    ) -> None:
+        """Publish a copy of ``delivery`` to ``queue`` through the default exchange. A bus
+        that can keep the copy a request (reply address, correlation id) overrides this."""
         await self.publish(
             "", queue, delivery.body, message_id=delivery.message_id, headers=headers
         )
-        await self.ack(delivery)  # only once the copy is confirmed
+
+
+# --- requests ------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    """One request waiting for its answer: answered once, by a reply or by an error."""
+
+    queue: str
+    message_id: str
+    route: object = None  # what the answer must come back through (the bus's own business)
+    answered: anyio.Event = field(default_factory=anyio.Event)
+    reply: Reply | None = None
+    error: BusError | None = None
+
+    def result(self, timeout: float) -> Reply:
+        """The answer; the error that ended the wait; or, if neither came, a timeout."""
+        if self.error is not None:
+            raise self.error
+        if self.reply is None:
+            raise RequestTimeoutError(self.queue, self.message_id, timeout)
+        return self.reply
+
+
+class PendingRequests:
+    """The requests of one bus waiting for their answer, by correlation id (the request's
+    message id). Requests sent at once with the same id (a client retrying while the first
+    try still waits) share their answers, the oldest waiter first: the same id is the same
+    question, and an idempotent responder gives the same answer. An answer nobody waits for
+    (any more) is dropped with a debug log."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, list[PendingRequest]] = {}
+
+    @contextmanager
+    def waiting(
+        self, queue: str, message_id: str, route: object = None
+    ) -> Iterator[PendingRequest]:
+        """Register before publishing (the answer can beat the confirm), forget on exit."""
+        pending = PendingRequest(queue, message_id, route)
+        waiters = self._waiting.setdefault(message_id, [])
+        waiters.append(pending)
+        try:
+            yield pending
+        finally:
+            waiters.remove(pending)
+            if not waiters:
+                del self._waiting[message_id]
+
+    def answer(self, correlation_id: str | None, reply: Reply) -> None:
+        for pending in self._waiting.get(correlation_id or "", ()):
+            if not pending.answered.is_set():
+                pending.reply = reply
+                pending.answered.set()
+                return
+        logger.debug(
+            "dropping an answer to request {id}: nobody waits for it (timed out, or not ours)",
+            id=correlation_id,
+        )
+
+    def fail(self, error: Callable[[PendingRequest], BusError], route: object = None) -> None:
+        """End the wait of every request (or of those sent through ``route``) with an error:
+        their answer can no longer arrive."""
+        for waiters in self._waiting.values():
+            for pending in waiters:
+                if (route is None or pending.route is route) and not pending.answered.is_set():
+                    pending.error = error(pending)
+                    pending.answered.set()

@@ -17,12 +17,18 @@ would be exited from another task) and obeys structured concurrency by construct
 
 Retries and dead letters are parked the same way as on RabbitMQ (``runtime/bus/headers.py``):
 both buses write the same headers.
+
+Requests work like RabbitMQ's direct reply-to: a request is a message in the queue whose
+``reply_to`` is this bus's private reply address and whose ``correlation_id`` is its message
+id; ``reply`` to that address resolves the waiting request (a reply to any other address is
+published to the queue of that name, if there is one, like the broker's default exchange).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -35,6 +41,7 @@ import msgspec
 from loguru import logger
 
 from runtime.bus.headers import (
+    PendingRequests,
     RepublishingSettlement,
     dead_letter_record,
     replay_headers,
@@ -46,6 +53,7 @@ from runtime.bus.protocol import (
     Headers,
     HeaderValue,
     QueueSpec,
+    Reply,
 )
 from runtime.errors import (
     BusError,
@@ -86,6 +94,8 @@ class _Message:
     redelivered: bool = False
     expires_at: float = math.inf
     death_reason: str = ""  # why the "broker" dead-lettered it last
+    reply_to: str | None = None
+    correlation_id: str | None = None
 
 
 @dataclass(eq=False)
@@ -146,6 +156,8 @@ class MemoryBus(RepublishingSettlement):
         self._consumers: dict[int, _Consumer] = {}
         self._ids = itertools.count(1)
         self._tags = itertools.count(1)
+        self._requests = PendingRequests()
+        self._reply_address = f"memory.reply-to.{uuid.uuid4().hex}"  # this bus's requests
         self._closed = False
 
     async def __aenter__(self) -> MemoryBus:
@@ -244,15 +256,90 @@ class MemoryBus(RepublishingSettlement):
         mandatory: bool = True,
     ) -> None:
         await anyio.lowlevel.checkpoint()  # before any effect: a cancelled publish did nothing
+        message = _Message(message_id, body, dict(headers or {}), exchange, routing_key)
+        self._send(message, mandatory=mandatory)
+
+    def _send(self, message: _Message, *, mandatory: bool) -> None:
+        """Route ``message`` by its exchange and routing key, a copy to each queue."""
         self._check_open()
         self._expire_due()
-        queues = self._route(exchange, routing_key)
+        queues = self._route(message.exchange, message.routing_key)
         if not queues:
             if mandatory:
-                raise UnroutableError(exchange, routing_key)
+                raise UnroutableError(message.exchange, message.routing_key)
             return
         for queue in queues:
-            self._put(queue, _Message(message_id, body, dict(headers or {}), exchange, routing_key))
+            self._put(queue, replace(message, headers=dict(message.headers)))
+
+    async def _publish_copy(
+        self, delivery: Delivery, queue: str, headers: dict[str, HeaderValue]
+    ) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._send(
+            _Message(
+                delivery.message_id,
+                delivery.body,
+                headers,
+                "",
+                queue,
+                reply_to=delivery.reply_to,
+                correlation_id=delivery.correlation_id,
+            ),
+            mandatory=True,
+        )
+
+    # --- requests ------------------------------------------------------------------------
+
+    async def request(
+        self,
+        queue: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Headers | None = None,
+        timeout: float,  # noqa: ASYNC109 - how long to wait for the answer, not a cancel scope
+    ) -> Reply:
+        await anyio.lowlevel.checkpoint()
+        message = _Message(
+            message_id,
+            body,
+            dict(headers or {}),
+            "",
+            queue,
+            reply_to=self._reply_address,
+            correlation_id=message_id,
+        )
+        with self._requests.waiting(queue, message_id) as pending:
+            self._send(message, mandatory=True)
+            with anyio.move_on_after(timeout):
+                await pending.answered.wait()
+            return pending.result(timeout)
+
+    async def reply(
+        self, delivery: Delivery, body: bytes, *, headers: Headers | None = None
+    ) -> None:
+        await anyio.lowlevel.checkpoint()
+        if not delivery.reply_to:
+            logger.debug(
+                "message {id} of {queue} is not a request: there is nobody to answer",
+                id=delivery.message_id,
+                queue=delivery.queue,
+            )
+            return
+        self._check_open()
+        if delivery.reply_to == self._reply_address:
+            self._requests.answer(delivery.correlation_id, Reply(body, dict(headers or {})))
+            return
+        # Another address: like the broker, the default exchange routes it by name, if it can.
+        answer = _Message(
+            "",
+            body,
+            dict(headers or {}),
+            "",
+            delivery.reply_to,
+            correlation_id=delivery.correlation_id,
+        )
+        self._send(answer, mandatory=False)
 
     def _put(self, queue: _Queue, message: _Message) -> None:
         queue.ready.append(message)
@@ -343,6 +430,8 @@ class MemoryBus(RepublishingSettlement):
                     redelivered=message.redelivered,
                     delivery_tag=tag,
                     consumer=consumer.id,
+                    reply_to=message.reply_to,
+                    correlation_id=message.correlation_id,
                 )
             )
             consumer.wake.set()
@@ -452,6 +541,13 @@ class MemoryBus(RepublishingSettlement):
         self._closed = True
         for consumer in list(self._consumers.values()):
             self._cancel(consumer)
+        self._requests.fail(
+            lambda pending: BusUnavailableError(
+                "memory",
+                f"the bus was closed before request {pending.message_id} to "
+                f"{pending.queue!r} was answered",
+            )
+        )
 
     def _check_open(self) -> None:
         if self._closed:

@@ -1,7 +1,7 @@
 """The bus protocol both buses implement (tests/contracts/bus.py is its definition).
 
-Verbs: declare, publish, consume, ack, nack, retry, dead_letter; plus the dead-letter
-administration the CLI uses. Nothing above an adapter imports aio-pika.
+Verbs: declare, publish, consume, ack, nack, retry, dead_letter; request and reply (RPC);
+plus the dead-letter administration the CLI uses. Nothing above an adapter imports aio-pika.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ class Delivery(msgspec.Struct, frozen=True):
     redelivered: bool
     delivery_tag: int  # opaque to the runtime; meaningful only to the bus that made it
     consumer: int = 0  # which consume() context the delivery belongs to (opaque)
+    reply_to: str | None = None  # where the requester waits for the answer (None: not a request)
+    correlation_id: str | None = None  # the request's AMQP correlation id (= its message_id)
 
     @property
     def attempts(self) -> int:
@@ -75,6 +77,13 @@ class Delivery(msgspec.Struct, frozen=True):
     def ordering_key(self) -> str:
         key = self.headers.get(X_ORDERING_KEY)
         return str(key) if key else self.message_id
+
+
+class Reply(msgspec.Struct, frozen=True):
+    """The answer to a request (``Bus.request``), as the responder sent it (``Bus.reply``)."""
+
+    body: bytes
+    headers: dict[str, HeaderValue]
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
@@ -111,6 +120,30 @@ class Bus(Protocol):
     ) -> None:
         """Publish persistently and return once the broker confirmed it. An unroutable
         ``mandatory`` message raises ``UnroutableError``."""
+        ...
+
+    async def request(
+        self,
+        queue: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Headers | None = None,
+        timeout: float,  # noqa: ASYNC109 - how long to wait for the answer, not a cancel scope
+    ) -> Reply:
+        """Publish ``body`` to ``queue`` (default exchange, routing key = queue, persistent,
+        mandatory, publisher-confirmed) with a reply address, and wait up to ``timeout`` seconds
+        for the answer. Raises UnroutableError/UnknownQueueError if no such queue,
+        BusUnavailableError if the broker is down, RequestTimeoutError if nobody answered in time
+        (a late answer is then dropped with a debug log)."""
+        ...
+
+    async def reply(
+        self, delivery: Delivery, body: bytes, *, headers: Headers | None = None
+    ) -> None:
+        """Answer a request delivery (``delivery.reply_to``/``correlation_id``); does nothing
+        (debug log) when the delivery is not a request. The requester may be gone: never raises
+        for that (not mandatory)."""
         ...
 
     def consume(

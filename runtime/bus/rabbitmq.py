@@ -5,6 +5,13 @@ here. Channels, by job:
 
 - one long-lived *publisher* channel (robust, publisher confirms, ``on_return_raises``):
   publishes are pipelined, each awaiting its own confirm, never serialised by us;
+- one plain *requests* channel (publisher confirms, ``on_return_raises``), opened on the
+  first request: direct reply-to wants a request published on the channel that consumes
+  ``amq.rabbitmq.reply-to`` (no-ack), so it does both, for every request in flight. It is
+  not robust: when it dies with its connection, the requests waiting on it fail with
+  ``BusUnavailableError`` (their answer can no longer arrive) and the next request opens a
+  new one, waiting out the reconnection within its timeout. Answers go out on the
+  publisher channel (a direct reply-to answer may be published on any channel);
 - one robust channel per ``consume`` context, with its own prefetch, so leaving the
   context (closing the channel) makes the broker requeue exactly that context's unsettled
   deliveries, and aio-pika restores its consumer after a reconnection;
@@ -50,13 +57,21 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from loguru import logger
 from yarl import URL
 
-from runtime.bus.headers import RepublishingSettlement, dead_letter_record, replay_headers
+from runtime.bus.headers import (
+    PendingRequest,
+    PendingRequests,
+    RepublishingSettlement,
+    dead_letter_record,
+    replay_headers,
+)
 from runtime.bus.protocol import (
     BusPlan,
     DeadLetter,
     Delivery,
     Headers,
+    HeaderValue,
     QueueSpec,
+    Reply,
     header_dict,
 )
 from runtime.errors import (
@@ -72,6 +87,11 @@ from runtime.naming import DEAD_LETTER_EXCHANGE, dead_letter_queue, retry_queue
 # Errors of a broker round trip that did not complete (channel or connection gone).
 _LINK_ERRORS = (AMQPError, ChannelInvalidStateError, ConnectionError)
 _REQUEUE_WAIT = 2.0  # seconds a dead-letter listing waits for its requeues to land
+REPLY_TO = "amq.rabbitmq.reply-to"  # direct reply-to: answers come straight to our consumer
+# Opening a channel while the robust connection notices it is gone can also raise
+# RuntimeError ("connection closed"): the requests channel is then opened again.
+_REOPEN_ERRORS = (*_LINK_ERRORS, RuntimeError)
+_REOPEN_INTERVAL = 0.1  # seconds between attempts to open the requests channel
 
 
 def describe_url(url: str) -> str:
@@ -188,6 +208,9 @@ class RabbitMQBus(RepublishingSettlement):
         self._contexts: dict[int, _ConsumeContext] = {}
         self._ids = itertools.count(1)
         self._tags = itertools.count(1)  # our delivery tags: unique across channels
+        self._requests = PendingRequests()
+        self._requester: AbstractChannel | None = None  # opened by the first request
+        self._requester_lock = anyio.Lock()
         self._closed = False
 
     @classmethod
@@ -227,10 +250,18 @@ class RabbitMQBus(RepublishingSettlement):
         return not self._closed and not connection.is_closed and connection.connected.is_set()
 
     async def close(self) -> None:
-        """Close the connection; open consume contexts stop iterating."""
+        """Close the connection; open consume contexts stop iterating, waiting requests fail
+        with ``BusUnavailableError``."""
         self._closed = True
         for context in self._contexts.values():
             context.messages.close()
+        self._requests.fail(
+            lambda pending: BusUnavailableError(
+                self._where,
+                f"the bus was closed before request {pending.message_id} to {pending.queue!r} "
+                "was answered",
+            )
+        )
         await self._connection.close()
 
     # --- topology ----------------------------------------------------------------------
@@ -285,14 +316,33 @@ class RabbitMQBus(RepublishingSettlement):
         """Publish on the shared confirming channel. A publish that loses its connection
         before the confirm raises ``PublishNotConfirmedError``: it may or may not have
         arrived, so the caller retries and consumers deduplicate by message id."""
-        self._check_open()
-        target = await self._exchange(exchange)
         message = Message(
             body,
             headers=dict(headers or {}),
             message_id=message_id,
             delivery_mode=DeliveryMode.PERSISTENT,
         )
+        await self._publish(exchange, routing_key, message, mandatory=mandatory)
+
+    async def _publish_copy(
+        self, delivery: Delivery, queue: str, headers: dict[str, HeaderValue]
+    ) -> None:
+        copy = Message(
+            delivery.body,
+            headers=dict(headers),
+            message_id=delivery.message_id,
+            reply_to=delivery.reply_to,  # a retried request is still answered
+            correlation_id=delivery.correlation_id,
+            delivery_mode=DeliveryMode.PERSISTENT,
+        )
+        await self._publish("", queue, copy, mandatory=True)
+
+    async def _publish(
+        self, exchange: str, routing_key: str, message: Message, *, mandatory: bool
+    ) -> None:
+        self._check_open()
+        target = await self._exchange(exchange)
+        what = _describe(message, exchange, routing_key)
         try:
             with anyio.fail_after(self._publish_timeout):
                 await self._publisher.ready()  # waits out a reconnection
@@ -301,18 +351,17 @@ class RabbitMQBus(RepublishingSettlement):
             raise UnroutableError(exchange, routing_key) from None
         except DeliveryError as exc:
             raise PublishNotConfirmedError(
-                f"the broker refused message {message_id} to {exchange!r}/{routing_key!r} "
-                f"({exc}); publish it again"
+                f"the broker refused {what} ({exc}); publish it again"
             ) from exc
         except TimeoutError:
             raise PublishNotConfirmedError(
-                f"message {message_id} to {exchange!r}/{routing_key!r} was not confirmed within "
-                f"{self._publish_timeout}s by {self._where}; publish it again"
+                f"{what} was not confirmed within {self._publish_timeout}s by {self._where}; "
+                "publish it again"
             ) from None
         except _LINK_ERRORS as exc:
             raise PublishNotConfirmedError(
-                f"the connection to {self._where} was lost before message {message_id} was "
-                f"confirmed ({type(exc).__name__}); publish it again"
+                f"the connection to {self._where} was lost before {what} was confirmed "
+                f"({type(exc).__name__}); publish it again"
             ) from exc
 
     async def _exchange(self, name: str) -> AbstractExchange:
@@ -332,6 +381,130 @@ class RabbitMQBus(RepublishingSettlement):
     def _publisher_exchange(self, name: str) -> AbstractExchange:
         # Only a handle naming the exchange: publishing needs no declaration.
         return Exchange(self._publisher, name, passive=True)
+
+    # --- requests ------------------------------------------------------------------------
+
+    async def request(
+        self,
+        queue: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Headers | None = None,
+        timeout: float,  # noqa: ASYNC109 - how long to wait for the answer, not a cancel scope
+    ) -> Reply:
+        """Publish on the requests channel and wait there for the answer. ``timeout`` bounds
+        it all: waiting out a reconnection (``BusUnavailableError``), the confirm and the
+        answer (``RequestTimeoutError``: the request may have been handled)."""
+        self._check_open()
+        deadline = anyio.current_time() + timeout
+        what = f"request {message_id} within its {timeout:g}s timeout"
+        channel = await self._requests_channel(deadline, what)
+        message = Message(
+            body,
+            headers=dict(headers or {}),
+            message_id=message_id,
+            correlation_id=message_id,
+            reply_to=REPLY_TO,
+            delivery_mode=DeliveryMode.PERSISTENT,
+        )
+        with self._requests.waiting(queue, message_id, route=channel) as pending:
+            with anyio.CancelScope(deadline=deadline):
+                try:
+                    await channel.default_exchange.publish(message, queue, mandatory=True)
+                except PublishError:
+                    raise UnroutableError("", queue) from None
+                except DeliveryError as exc:
+                    raise PublishNotConfirmedError(
+                        f"the broker refused request {message_id} to {queue!r} ({exc}); send "
+                        "it again"
+                    ) from exc
+                except _LINK_ERRORS as exc:
+                    raise BusUnavailableError(
+                        self._where,
+                        f"the connection was lost before request {message_id} to {queue!r} was "
+                        f"confirmed ({type(exc).__name__}); it may have arrived: send it again "
+                        "with the same id",
+                    ) from exc
+                await pending.answered.wait()
+            return pending.result(timeout)
+
+    async def reply(
+        self, delivery: Delivery, body: bytes, *, headers: Headers | None = None
+    ) -> None:
+        """Answer on the publisher channel (a direct reply-to answer may use any channel).
+        Not mandatory and not persistent: if the requester is gone, the broker drops it."""
+        if not delivery.reply_to:
+            logger.debug(
+                "message {id} of {queue} is not a request: there is nobody to answer",
+                id=delivery.message_id,
+                queue=delivery.queue,
+            )
+            return
+        answer = Message(body, headers=dict(headers or {}), correlation_id=delivery.correlation_id)
+        await self._publish("", delivery.reply_to, answer, mandatory=False)
+
+    async def _requests_channel(self, deadline: float, what: str) -> AbstractChannel:
+        """The requests channel, opened again if it died with its connection: waits out a
+        reconnection until ``deadline``, then raises ``BusUnavailableError``."""
+        failure = "the connection is not back"
+        with anyio.CancelScope(deadline=deadline):
+            async with self._requester_lock:
+                while True:
+                    self._check_open()
+                    channel = self._requester
+                    if channel is not None and not channel.is_closed:
+                        return channel
+                    try:
+                        self._requester = await self._open_requests_channel()
+                    except _REOPEN_ERRORS as exc:  # the connection went away (again) meanwhile
+                        failure = f"{type(exc).__name__}: {exc}"
+                        await anyio.sleep(_REOPEN_INTERVAL)
+        raise BusUnavailableError(self._where, f"no connection to send {what} ({failure})")
+
+    async def _open_requests_channel(self) -> AbstractChannel:
+        channel = Channel(self._connection, publisher_confirms=True, on_return_raises=True)
+        opened = False
+        try:
+            await self._connection.ready()  # waits out a reconnection
+            await channel.initialize()
+            channel.close_callbacks.add(self._on_requests_channel_closed)
+            replies = await channel.declare_queue(REPLY_TO, passive=True)
+            await replies.consume(self._on_answer, no_ack=True)
+            opened = True
+        finally:
+            if not opened and channel.is_initialized and not channel.is_closed:
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(5),
+                    contextlib.suppress(*CONNECTION_EXCEPTIONS),
+                ):
+                    await channel.close()
+        logger.debug("requests channel open on {where}", where=self._where)
+        return channel
+
+    async def _on_answer(self, message: AbstractIncomingMessage) -> None:
+        self._requests.answer(
+            message.correlation_id, Reply(message.body, header_dict(message.headers))
+        )
+
+    def _on_requests_channel_closed(
+        self, channel: AbstractChannel | None, exc: BaseException | None
+    ) -> None:
+        """The answers to the requests sent on ``channel`` can no longer arrive."""
+        if channel is None:
+            return
+        cause = f"{type(exc).__name__}: {exc}" if exc else "channel closed"
+
+        def lost(pending: PendingRequest) -> BusError:
+            return BusUnavailableError(
+                self._where,
+                f"the requests channel was lost ({cause}) before request {pending.message_id} "
+                f"to {pending.queue!r} was answered; it may have been handled: send it again "
+                "with the same id",
+            )
+
+        self._requests.fail(lost, route=channel)
 
     # --- consuming -----------------------------------------------------------------------
 
@@ -375,6 +548,8 @@ class RabbitMQBus(RepublishingSettlement):
             redelivered=bool(message.redelivered),
             delivery_tag=tag,
             consumer=context.id,
+            reply_to=message.reply_to,
+            correlation_id=message.correlation_id,
         )
 
     # --- settling ------------------------------------------------------------------------
@@ -512,6 +687,12 @@ async def _declare_queue(
             f"queue {name!r} already exists with other arguments ({exc}); delete it (after "
             "draining it) or give the new one another name"
         ) from exc
+
+
+def _describe(message: Message, exchange: str, routing_key: str) -> str:
+    if message.message_id:
+        return f"message {message.message_id} to {exchange!r}/{routing_key!r}"
+    return f"the answer to request {message.correlation_id}"
 
 
 def _forward(

@@ -9,7 +9,11 @@ Choices the contract pins down:
   it is logged, and the message is delivered again, so an actor's loop survives;
 - ``list_dead_letters`` does not remove anything, but may change the DLQ's order;
 - a message the broker dead-lettered (``nack(requeue=False)``) has no ``x-error``: its
-  listing shows the broker's reason (``rejected``) as the error type.
+  listing shows the broker's reason (``rejected``) as the error type;
+- a request to a queue that does not exist is unroutable (``UnroutableError``), at once;
+- an answer nobody waits for any more is dropped, and answering a message that is not a
+  request does nothing: neither raises, so a responder's loop survives;
+- a retried request is still a request: its answer after the retry reaches the requester.
 """
 
 from __future__ import annotations
@@ -37,8 +41,16 @@ from runtime.bus.protocol import (
     Delivery,
     ExchangeSpec,
     QueueSpec,
+    Reply,
 )
-from runtime.errors import BusError, UnknownExchangeError, UnknownQueueError, UnroutableError
+from runtime.errors import (
+    BusError,
+    BusUnavailableError,
+    RequestTimeoutError,
+    UnknownExchangeError,
+    UnknownQueueError,
+    UnroutableError,
+)
 
 T = TypeVar("T")
 RETRY_DELAYS = (0.2, 0.4)
@@ -86,6 +98,20 @@ async def drain_ids(bus: Bus, queue: str) -> list[str]:
                 ids.append(delivery.message_id)
             if idle.cancelled_caught:
                 return ids
+
+
+async def serve(
+    bus: Bus, queue: str, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Answer every request of ``queue`` with ``re:<its body>`` (and which request it
+    answers, in a header), then ack it."""
+    async with bus.consume(queue, prefetch=20) as deliveries:
+        task_status.started()
+        async for delivery in deliveries:
+            await bus.reply(
+                delivery, b"re:" + delivery.body, headers={"answers": delivery.message_id}
+            )
+            await bus.ack(delivery)
 
 
 async def eventually(check: Callable[[], Awaitable[T]], within: float = 5) -> T:
@@ -312,6 +338,143 @@ class BusContract:
                 async for delivery in deliveries:
                     pytest.fail(f"unexpected delivery {delivery.message_id}")
         assert not bus.connected
+
+    # --- requests --------------------------------------------------------------------------
+
+    async def test_a_request_is_answered_by_the_actor_consuming_its_queue(self, bus: Bus) -> None:
+        queue = await declared_queue(bus)
+        requests: list[Delivery] = []
+
+        async def answer_one() -> None:
+            async with bus.consume(queue, prefetch=1) as deliveries:
+                [request] = await receive(deliveries)
+                requests.append(request)
+                await bus.reply(request, b'{"ok": true}', headers={"status": 200, "final": True})
+                await bus.ack(request)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(answer_one)
+            reply = await bus.request(
+                queue, b'{"do": "it"}', message_id="r-1", headers={"n": 3}, timeout=5
+            )
+        assert reply == Reply(body=b'{"ok": true}', headers={"status": 200, "final": True})
+        [request] = requests
+        assert (request.message_id, request.correlation_id) == ("r-1", "r-1")
+        assert request.reply_to
+        assert (request.body, request.headers["n"]) == (b'{"do": "it"}', 3)
+        assert (request.exchange, request.routing_key) == ("", queue)
+
+    async def test_two_hundred_concurrent_requests_each_get_their_own_answer(
+        self, bus: Bus
+    ) -> None:
+        queue = await declared_queue(bus)
+        replies: dict[str, Reply] = {}
+
+        async def ask(number: int) -> None:
+            request_id = f"r-{number:03}"
+            replies[request_id] = await bus.request(
+                queue, str(number).encode(), message_id=request_id, timeout=20
+            )
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve, bus, queue)
+            async with anyio.create_task_group() as requesters:
+                for number in range(200):
+                    requesters.start_soon(ask, number)
+            tg.cancel_scope.cancel()
+        assert sorted(replies) == [f"r-{number:03}" for number in range(200)]
+        for request_id, reply in replies.items():
+            assert reply.body == f"re:{int(request_id[2:])}".encode()
+            assert reply.headers["answers"] == request_id
+
+    async def test_requests_in_flight_with_the_same_id_are_all_answered(self, bus: Bus) -> None:
+        queue = await declared_queue(bus)
+        bodies: list[bytes] = []
+
+        async def ask() -> None:
+            reply = await bus.request(queue, b"same", message_id="r-twice", timeout=5)
+            bodies.append(reply.body)
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve, bus, queue)
+            async with anyio.create_task_group() as requesters:
+                requesters.start_soon(ask)
+                requesters.start_soon(ask)
+            tg.cancel_scope.cancel()
+        assert bodies == [b"re:same", b"re:same"]
+
+    async def test_a_request_nobody_answers_times_out_and_its_late_answer_is_dropped(
+        self, bus: Bus
+    ) -> None:
+        queue = await declared_queue(bus)
+        with anyio.fail_after(3), pytest.raises(RequestTimeoutError) as caught:
+            await bus.request(queue, b"anyone?", message_id="r-late", timeout=0.3)
+        assert (caught.value.queue, caught.value.message_id) == (queue, "r-late")
+        assert caught.value.timeout == 0.3
+        assert queue in str(caught.value)
+        assert "r-late" in str(caught.value)
+        async with bus.consume(queue, prefetch=1) as deliveries:
+            [late] = await receive(deliveries)  # the request stayed in the queue
+            await bus.reply(late, b"too late")  # nobody waits: dropped, not raised
+            await bus.ack(late)
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve, bus, queue)
+            reply = await bus.request(queue, b"now", message_id="r-now", timeout=5)
+            tg.cancel_scope.cancel()
+        assert reply.body == b"re:now"
+
+    async def test_a_request_to_a_queue_that_does_not_exist_is_unroutable_at_once(
+        self, bus: Bus
+    ) -> None:
+        missing = unique("missing")
+        with anyio.fail_after(3), pytest.raises(UnroutableError) as caught:
+            await bus.request(missing, b"", message_id="r-1", timeout=30)
+        assert (caught.value.exchange, caught.value.routing_key) == ("", missing)
+        # The bus still answers requests afterwards.
+        queue = await declared_queue(bus)
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve, bus, queue)
+            assert (await bus.request(queue, b"x", message_id="r-2", timeout=5)).body == b"re:x"
+            tg.cancel_scope.cancel()
+
+    async def test_answering_a_message_that_is_not_a_request_does_nothing(self, bus: Bus) -> None:
+        queue = await declared_queue(bus)
+        await publish_ids(bus, queue, "m-1")
+        async with bus.consume(queue, prefetch=1) as deliveries:
+            [delivery] = await receive(deliveries)
+            assert (delivery.reply_to, delivery.correlation_id) == (None, None)
+            await bus.reply(delivery, b"to nobody")
+            await bus.ack(delivery)
+            await assert_nothing_more(deliveries, 0.2)
+        assert await drain_ids(bus, queue) == []
+
+    async def test_a_retried_request_is_still_answered(self, bus: Bus) -> None:
+        queue = await declared_queue(bus)
+
+        async def fail_once_then_answer() -> None:
+            async with bus.consume(queue, prefetch=1) as deliveries:
+                [first] = await receive(deliveries)
+                await bus.retry(first, rung=1, error=RuntimeError("not yet"), actor="test")
+                [again] = await receive(deliveries)
+                await bus.reply(again, b"after a retry")
+                await bus.ack(again)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fail_once_then_answer)
+            reply = await bus.request(queue, b"q", message_id="r-1", timeout=5)
+        assert reply.body == b"after a retry"
+
+    async def test_closing_the_bus_ends_a_waiting_request(self, bus: Bus) -> None:
+        queue = await declared_queue(bus)
+        async with anyio.create_task_group() as tg:
+
+            async def close_soon() -> None:
+                await anyio.sleep(0.1)
+                await bus.close()
+
+            tg.start_soon(close_soon)
+            with anyio.fail_after(5), pytest.raises(BusUnavailableError, match="closed"):
+                await bus.request(queue, b"", message_id="r-1", timeout=30)
 
     # --- retries ---------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The bus contract on RabbitMQ, plus what only a real broker can show: the queue
-arguments it holds, the delivery-limit backstop, dropped connections, a wrong address."""
+arguments it holds, the delivery-limit backstop, dropped connections (consumers and
+requests), an answer to a requester that is gone, a wrong address."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from collections.abc import AsyncIterator
 
 import anyio
 import pytest
+from anyio.abc import TaskStatus
 
 from runtime.bus.protocol import BusPlan, QueueSpec
 from runtime.bus.rabbitmq import RabbitMQBus
-from runtime.errors import BusUnavailableError
+from runtime.errors import BusUnavailableError, RequestTimeoutError
 from runtime.naming import DEAD_LETTER_EXCHANGE, dead_letter_queue, retry_queue
 from tests.contracts.bus import (
     BusContract,
@@ -20,6 +22,7 @@ from tests.contracts.bus import (
     eventually,
     publish_ids,
     receive,
+    serve,
     unique,
 )
 from tests.support.rabbitmq import close_connections, connection_names, queue_arguments
@@ -133,6 +136,76 @@ async def test_the_bus_recovers_when_the_broker_drops_every_connection(
     finally:
         await bus.close()
     assert not bus.connected
+
+
+async def test_requests_work_again_after_the_broker_drops_every_connection(
+    amqp_url: str,
+    rabbitmq_vhost: str,
+) -> None:
+    """A request waiting when the connection drops fails at once (its answer can no longer
+    arrive); one sent during the outage waits it out; afterwards requests are answered."""
+    bus = await RabbitMQBus.connect(
+        amqp_url, name=f"magasin-test-{uuid.uuid4().hex[:8]}", reconnect_interval=0.2
+    )
+    try:
+        served, silent = unique("q"), unique("q")
+        await bus.declare(
+            BusPlan(queues=(QueueSpec(served, retry_delays=()), QueueSpec(silent, retry_delays=())))
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve, bus, served)
+            before = await bus.request(served, b"before", message_id="r-before", timeout=5)
+
+            async def wait_in_vain(*, task_status: TaskStatus[None]) -> None:
+                task_status.started()
+                with anyio.fail_after(10), pytest.raises(BusUnavailableError, match="lost"):
+                    await bus.request(silent, b"", message_id="r-lost", timeout=60)
+
+            async with anyio.create_task_group() as outage:
+                await outage.start(wait_in_vain)
+                await anyio.sleep(0.2)  # published, and waiting for its answer
+                outage.start_soon(anyio.to_thread.run_sync, close_connections, rabbitmq_vhost)
+                await _wait_disconnected(bus)
+                during = await bus.request(served, b"during", message_id="r-during", timeout=15)
+
+            after = await bus.request(served, b"after", message_id="r-after", timeout=15)
+            tg.cancel_scope.cancel()
+    finally:
+        await bus.close()
+    assert [before.body, during.body, after.body] == [b"re:before", b"re:during", b"re:after"]
+
+
+async def test_an_answer_to_a_requester_that_is_gone_is_dropped_without_error(
+    rabbitmq_bus: RabbitMQBus,
+    amqp_url: str,
+) -> None:
+    queue = unique("q")
+    await rabbitmq_bus.declare(BusPlan(queues=(QueueSpec(queue, retry_delays=()),)))
+    requester = await RabbitMQBus.connect(amqp_url, name=f"magasin-test-{uuid.uuid4().hex[:8]}")
+    try:
+        with pytest.raises(RequestTimeoutError):
+            await requester.request(queue, b"q", message_id="r-gone", timeout=0.3)
+    finally:
+        await requester.close()
+    async with rabbitmq_bus.consume(queue, prefetch=1) as deliveries:
+        [request] = await receive(deliveries)
+        assert request.reply_to
+        assert request.reply_to.startswith("amq.rabbitmq.reply-to.")
+        await rabbitmq_bus.reply(request, b"nobody listens")  # its channel is gone: dropped
+        await rabbitmq_bus.ack(request)
+    async with anyio.create_task_group() as tg:
+        await tg.start(serve, rabbitmq_bus, queue)
+        reply = await rabbitmq_bus.request(queue, b"still", message_id="r-2", timeout=5)
+        tg.cancel_scope.cancel()
+    assert reply.body == b"re:still"
+
+
+async def _wait_disconnected(bus: RabbitMQBus) -> None:
+    with anyio.fail_after(15):
+        while True:
+            if not bus.connected:
+                return
+            await anyio.sleep(0.002)
 
 
 async def _drop_connections(bus: RabbitMQBus, vhost: str) -> list[bool]:
