@@ -26,7 +26,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath
 from litestar.plugins.problem_details import ProblemDetailsException
-from litestar.types import ControllerRouterHandler
+from litestar.types import ControllerRouterHandler, Middleware
 from loguru import logger
 
 from runtime.actor import ActorContext, ActorStatistics
@@ -111,11 +111,14 @@ def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response
 
 
 def build_app(
-    context: ActorContext, extra_handlers: Sequence[ControllerRouterHandler] = ()
+    context: ActorContext,
+    extra_handlers: Sequence[ControllerRouterHandler] = (),
+    middleware: Sequence[Middleware] = (),
 ) -> Litestar:
     """The gateway's Litestar app, reading the runtime through ``context.supervisor``."""
     return Litestar(
         route_handlers=[*_runtime_handlers(context), *extra_handlers],
+        middleware=list(middleware),
         exception_handlers={
             ProblemDetailsException: _problem_response,
             HTTPException: _http_problem,
@@ -267,10 +270,13 @@ class Gateway:
     """The built-in ``gateway`` actor: serves ``build_app`` on the topology's host and port."""
 
     def __init__(
-        self, context: ActorContext, extra_handlers: Sequence[ControllerRouterHandler] = ()
+        self,
+        context: ActorContext,
+        extra_handlers: Sequence[ControllerRouterHandler] = (),
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         self.context = context
-        self.app = build_app(context, extra_handlers)
+        self.app = build_app(context, extra_handlers, middleware)
         self._server: _Server | None = None
         self._port: int | None = None
         self._draining = False

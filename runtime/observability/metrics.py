@@ -98,6 +98,28 @@ class Metrics:
         self.projection_updates_total = Counter(
             "projection_updates_total", "Events applied to read models, by projection.", registry=r
         )
+        # --- CQRS ---
+        self.command_executions_total = Counter(
+            "command_executions_total",
+            "Commands executed by aggregate actors, by command and outcome "
+            "(ok, replayed, rejected).",
+            registry=r,
+        )
+        self.command_duration_seconds = Histogram(
+            "command_duration_seconds",
+            "Time an aggregate actor took to load, decide, append and answer, by command.",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.query_executions_total = Counter(
+            "query_executions_total", "Queries served, by query and outcome.", registry=r
+        )
+        self.query_duration_seconds = Histogram(
+            "query_duration_seconds",
+            "Time a query took to answer, by query.",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
         self.runtime_ready = Gauge(
             "magasin_runtime_ready", "1 when every actor consumes, else 0.", registry=r
         )

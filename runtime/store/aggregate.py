@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 from loguru import logger
 
+from runtime.errors import ConcurrencyError
 from runtime.store.codec import EventCodec
 from runtime.store.protocol import AppendResult, EventStore, Metadata, NewEvent, Snapshot, StreamId
 
@@ -105,10 +106,16 @@ class AggregateRepository(Generic[C, E, S]):
         return state
 
     async def execute(
-        self, aggregate_id: str, command: C, metadata: Metadata | None = None
+        self,
+        aggregate_id: str,
+        command: C,
+        metadata: Metadata | None = None,
+        *,
+        expected_version: int | None = None,
     ) -> Decision[E]:
         """Load, decide, append at the loaded version. Raises ``ConcurrencyError`` if the
-        stream moved on in between (the caller may reload and retry).
+        stream moved on in between (the caller may reload and retry), or if
+        ``expected_version`` is given and the loaded version is another (nothing decided).
 
         A command whose ``metadata.command_id`` was already executed is answered from its
         first result (no events, ``result.replayed``) without deciding again: deciding on
@@ -119,6 +126,8 @@ class AggregateRepository(Generic[C, E, S]):
             if first is not None:
                 return Decision((), first)
         loaded = await self.load(aggregate_id)
+        if expected_version is not None and expected_version != loaded.version:
+            raise ConcurrencyError(str(self.stream(aggregate_id)), expected_version, loaded.version)
         events = self.decider.decide(command, loaded.state)
         if not events:
             return Decision(events, None)

@@ -108,6 +108,22 @@ class ReadModelStore(Protocol):
 
     async def get(self, projection: str, collection: str, key: str) -> Document | None: ...
 
+    async def find(
+        self,
+        projection: str,
+        collection: str,
+        *,
+        equals: dict[str, str | int | bool] | None = None,
+        ranges: dict[str, tuple[str | None, str | None]] | None = None,
+        limit: int = 100,
+        after_key: str | None = None,
+    ) -> list[Entry]:
+        """Up to ``limit`` documents whose top-level fields equal ``equals`` and whose string
+        fields fall in ``ranges`` (``(low, high)``, inclusive low, exclusive high, None: open;
+        compared as text, so ISO 8601 UTC timestamps compare in time order), in key order
+        above ``after_key`` (keyset pagination)."""
+        ...
+
     async def list(
         self,
         projection: str,

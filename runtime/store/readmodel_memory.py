@@ -10,6 +10,7 @@ other forever: take the aggregate's version first, then documents in a fixed ord
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -99,6 +100,29 @@ class MemoryReadModelStore:
         check_page(limit, after_key)
         docs = self._docs.get((projection, collection), {})
         return _page(docs, limit, after_key)
+
+    async def find(
+        self,
+        projection: str,
+        collection: str,
+        *,
+        equals: dict[str, str | int | bool] | None = None,
+        ranges: dict[str, tuple[str | None, str | None]] | None = None,
+        limit: int = 100,
+        after_key: str | None = None,
+    ) -> builtins.list[Entry]:
+        check_name("projection", projection)
+        check_name("collection", collection)
+        check_page(limit, after_key)
+        docs = self._docs.get((projection, collection), {})
+        found: builtins.list[Entry] = []
+        for key in sorted(k for k in docs if after_key is None or k > after_key):
+            doc = decode_document(docs[key])
+            if matches(doc, equals or {}, ranges or {}):
+                found.append((key, doc))
+                if len(found) == limit:
+                    break
+        return found
 
     async def close(self) -> None:
         return None
@@ -224,6 +248,23 @@ class MemoryReadModelTx:
                 docs[key] = raw
         for aggregate_id, version in self._versions.items():
             store._versions[(self._projection, aggregate_id)] = version
+
+
+def matches(
+    doc: Document,
+    equals: dict[str, str | int | bool],
+    ranges: dict[str, tuple[str | None, str | None]],
+) -> bool:
+    for field, value in equals.items():
+        if field not in doc or doc[field] != value or type(doc[field]) is not type(value):
+            return False
+    for field, (low, high) in ranges.items():
+        text = doc.get(field)
+        if not isinstance(text, str):
+            return False
+        if (low is not None and text < low) or (high is not None and text >= high):
+            return False
+    return True
 
 
 def _page(docs: dict[str, bytes], limit: int, after_key: str | None) -> list[Entry]:

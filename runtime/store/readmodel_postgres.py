@@ -21,6 +21,7 @@ one per document read, not several per event.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any, TypeVar
@@ -196,6 +197,47 @@ class PostgresReadModelStore:
     ) -> list[Entry]:
         async def read(tx: ReadModelTx) -> list[Entry]:
             return await tx.list(collection, limit=limit, after_key=after_key)
+
+        return await self._retrying(projection, read, transactional=False)
+
+    async def find(
+        self,
+        projection: str,
+        collection: str,
+        *,
+        equals: dict[str, str | int | bool] | None = None,
+        ranges: dict[str, tuple[str | None, str | None]] | None = None,
+        limit: int = 100,
+        after_key: str | None = None,
+    ) -> builtins.list[Entry]:
+        check_name("collection", collection)
+        check_page(limit, after_key)
+        clauses = ["projection = %s", "collection = %s", "key > %s"]
+        params: list[Any] = [projection, collection, after_key or ""]
+        if equals:
+            clauses.append("doc @> %s::jsonb")
+            params.append(encode_document(collection, "find", dict(equals)).decode())
+        for field, (low, high) in (ranges or {}).items():
+            check_name("field", field)
+            if low is not None:
+                clauses.append('(doc->>%s) COLLATE "C" >= %s')
+                params += [field, low]
+            if high is not None:
+                clauses.append('(doc->>%s) COLLATE "C" < %s')
+                params += [field, high]
+            clauses.append("jsonb_typeof(doc->%s) = 'string'")
+            params.append(field)
+        query = (
+            "SELECT key, doc::text FROM read_models WHERE "
+            + " AND ".join(clauses)
+            + " ORDER BY key LIMIT %s"
+        )
+        params.append(limit)
+
+        async def read(tx: ReadModelTx) -> list[Entry]:
+            assert isinstance(tx, PostgresReadModelTx)
+            rows = await tx._fetch(query, tuple(params))
+            return [(key, decode_document(doc)) for key, doc in rows]
 
         return await self._retrying(projection, read, transactional=False)
 
