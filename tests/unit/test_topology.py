@@ -46,7 +46,16 @@ def projection(extra: str = "") -> str:
 def test_the_default_topology_yaml_loads_with_its_handlers_checked() -> None:
     topology = load_topology(DEFAULT_FILE, env={})
 
-    assert list(topology.actors) == ["relay", "gateway"]
+    assert list(topology.actors) == [
+        "relay",
+        "complaints",
+        "complaint-list",
+        "complaint-workload",
+        "complaint-store-stats",
+        "gateway",
+    ]
+    assert topology.actors["complaints"].queue == "complaint.commands"
+    assert topology.actors["gateway"].handler == "actors.complaints.api:ComplaintGateway"
     assert topology.database_url == "memory://"
     assert topology.amqp_url == "memory://"
     assert topology.http.port == 8080
