@@ -1,7 +1,9 @@
 """The complaint API end to end: `magasin run topology.yaml` (the default topology, every
 actor of it) on real PostgreSQL and RabbitMQ, and on the embedded default, driven over HTTP.
 
-One runtime per backend for the module; each test uses complaints and stores of its own.
+One runtime per backend for the module, on a database of its own (the default topology keeps
+everything in the `public` schema, where other tests' relays keep theirs); each test uses
+complaints and stores of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.postgres import create_database
 from tests.support.process import clean_env, free_port
 from tests.support.rabbitmq import amqp_url, rabbitmq_vhost  # noqa: F401
 
@@ -46,14 +49,15 @@ def body(store_id: str = "store-042", **overrides: Any) -> dict[str, Any]:
 @pytest.fixture(scope="module", params=["postgres+rabbitmq", "embedded"])
 def api(
     request: pytest.FixtureRequest,
-    pg_dsn: str,
     amqp_url: str,  # noqa: F811 - the fixture imported above
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[httpx.Client]:
     port = free_port()
     env = {"MAGASIN_HTTP_PORT": str(port)}
+    database = None
     if request.param != "embedded":
-        env |= {"MAGASIN_DATABASE_URL": pg_dsn, "MAGASIN_AMQP_URL": amqp_url}
+        database = create_database()
+        env |= {"MAGASIN_DATABASE_URL": next(database), "MAGASIN_AMQP_URL": amqp_url}
     log = tmp_path_factory.mktemp("complaints") / "magasin.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
@@ -80,6 +84,8 @@ def api(
     finally:
         process.kill()
         process.wait(timeout=10)
+        if database is not None:
+            database.close()  # drops it
 
 
 def create(api: httpx.Client, **overrides: Any) -> dict[str, Any]:
