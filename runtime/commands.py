@@ -195,19 +195,16 @@ class AggregateHandler(Generic[C, E, S]):
                 if request.expected_version is not None or attempt == CONFLICT_RETRIES:
                     return self._refused(request, conflict(exc))
                 continue
-            return await self._answer(request, decision)
+            return self._answer(request, decision)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _answer(self, request: CommandRequest, decision: Decision[E]) -> CommandReply:
+    def _answer(self, request: CommandRequest, decision: Decision[E]) -> CommandReply:
         result = decision.result
         if result is None:  # nothing to do: the current version is the answer
-            version = await self.context.store.stream_version(
-                self.repository.stream(request.aggregate_id)
-            )
-            return CommandReply(aggregate_id=request.aggregate_id, version=version)
+            return CommandReply(aggregate_id=request.aggregate_id, version=decision.version)
         return CommandReply(
             aggregate_id=result.stream.aggregate_id,  # a replayed command's first target
-            version=result.last_version,
+            version=decision.version,
             position=result.last_position,
             replayed=result.replayed,
             events=tuple(type(e).__name__ for e in decision.events),

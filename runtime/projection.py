@@ -43,7 +43,47 @@ from runtime.store.protocol import RecordedEvent
 from runtime.store.readmodel import ReadModelStore, ReadModelTx, open_read_model_store
 
 
-class ProjectionHandler(abc.ABC):
+class ReadModelOwner:
+    """Opens the topology's read-model store for the life of an actor instance (``async
+    with``): ``database_url``, the actor's ``schema`` option, a pool of ``pool_size``."""
+
+    context: ActorContext
+    _read_models: ReadModelStore | None = None
+
+    def _pool_size(self) -> int:
+        return self.context.spec.consumers + 1
+
+    @property
+    def read_models(self) -> ReadModelStore:
+        if self._read_models is None:
+            raise ActorError(
+                f"the read models of actor {self.context.name!r} are not open: use "
+                "`async with handler:` (the runtime enters it for the life of the actor instance)"
+            )
+        return self._read_models
+
+    async def __aenter__(self) -> Self:
+        self._stack = AsyncExitStack()
+        self._read_models = await self._stack.enter_async_context(
+            open_read_model_store(
+                self.context.topology.database_url,
+                schema=str(self.context.options.get("schema", "public")),
+                max_size=self._pool_size(),
+            )
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._read_models = None
+        await self._stack.aclose()
+
+
+class ProjectionHandler(ReadModelOwner, abc.ABC):
     """Base of projection and subscriber handlers; see the module docstring."""
 
     #: Decodes the payloads ``apply`` receives; register every event type of the streams bound.
@@ -59,8 +99,6 @@ class ProjectionHandler(abc.ABC):
             )
         self.context = context
         self.projection = self.projection_name or context.name
-        self._read_models: ReadModelStore | None = None
-        self._stack = AsyncExitStack()
 
     @abc.abstractmethod
     async def apply(self, tx: ReadModelTx, event: Envelope[Any]) -> None:
@@ -72,42 +110,8 @@ class ProjectionHandler(abc.ABC):
         reads them all in one statement per collection beforehand. Optional."""
         return ()
 
-    @property
-    def read_models(self) -> ReadModelStore:
-        if self._read_models is None:
-            raise ActorError(
-                f"projection {self.projection!r} is not open: use `async with handler:` "
-                "(the runtime enters it for the life of the actor instance)"
-            )
-        return self._read_models
-
-    async def __aenter__(self) -> Self:
-        options = self.context.options
-        self._read_models = await self._stack.enter_async_context(
-            open_read_model_store(
-                self.context.topology.database_url,
-                schema=str(options.get("schema", "public")),
-                max_size=self.context.spec.consumers + 1,
-            )
-        )
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._read_models = None
-        await self._stack.aclose()
-
     async def handle(self, delivery: Delivery) -> None:
-        record = decode_event(delivery.message_id, delivery.body)
-
-        async def project(tx: ReadModelTx) -> int:
-            return await self.project(tx, record)
-
-        self._count(await self.read_models.run(self.projection, project))
+        await self.handle_batch([delivery])
 
     async def handle_batch(self, deliveries: Sequence[Delivery]) -> None:
         records = [decode_event(d.message_id, d.body) for d in deliveries]
@@ -129,13 +133,10 @@ class ProjectionHandler(abc.ABC):
                     applied += await self.project(tx, record)
             return applied
 
-        self._count(await self.read_models.run(self.projection, project))
-
-    def _count(self, applied: int) -> None:
-        if applied:
-            counter = getattr(self.context.metrics, "projection_updates_total", None)
-            if counter is not None:
-                counter.add({"projection": self.projection}, applied)
+        applied = await self.read_models.run(self.projection, project)
+        counter = getattr(self.context.metrics, "projection_updates_total", None)
+        if applied and counter is not None:
+            counter.add({"projection": self.projection}, applied)
 
     async def project(self, tx: ReadModelTx, record: RecordedEvent) -> int:
         """Apply ``record`` after any events of its stream missing before it, unless it was

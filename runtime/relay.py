@@ -51,7 +51,6 @@ class Relay:
         self.published = 0
         self.checkpoint = Checkpoint.START
         self._saved = Checkpoint.START
-        self._last_save = 0.0
         self._limiter = anyio.CapacityLimiter(self.max_in_flight)
         self._last_lag_update = 0.0
 
@@ -70,7 +69,8 @@ class Relay:
             self._saved = self.checkpoint
             try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._save_when_idle, lease)
+                    if self.checkpoint_interval > 0:
+                        tg.start_soon(self._save_periodically, lease)
                     async with aclosing(
                         store.subscribe(self.checkpoint, self.batch_size)
                     ) as batches:
@@ -78,8 +78,7 @@ class Relay:
                             await self._relay(batch, lease)
             finally:
                 self.leading = False
-                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                    await self._save(lease)
+                await self._save_on_the_way_out(lease)
 
     async def _relay(self, batch: list[RecordedEvent], lease: Lease) -> None:
         async with anyio.create_task_group() as tg:
@@ -90,13 +89,12 @@ class Relay:
         # checkpoint move (saved by ``_save``, only while this process still leads).
         self.checkpoint = batch[-1].checkpoint
         self.published += len(batch)
-        if time.monotonic() - self._last_save >= self.checkpoint_interval:
+        if not self.checkpoint_interval:
             await self._save(lease)
         await self._update_lag()
 
     async def _save(self, lease: Lease) -> None:
         """Save the checkpoint if it moved, after checking the lease."""
-        self._last_save = time.monotonic()
         if self.checkpoint == self._saved:
             return
         await lease.check()
@@ -118,13 +116,11 @@ class Relay:
                     exc=exc,
                 )
 
-    async def _save_when_idle(self, lease: Lease) -> None:
-        """The last batches before a pause are saved too, within an interval."""
-        interval = max(self.checkpoint_interval, 0.05)
+    async def _save_periodically(self, lease: Lease) -> None:
+        """Every ``checkpoint_interval``, what was confirmed since (a pause included)."""
         while True:
-            await anyio.sleep(interval)
-            if time.monotonic() - self._last_save >= interval:
-                await self._save(lease)
+            await anyio.sleep(self.checkpoint_interval)
+            await self._save(lease)
 
     async def _publish(self, record: RecordedEvent) -> None:
         try:

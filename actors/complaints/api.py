@@ -21,10 +21,8 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Annotated, Any, Self, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import anyio
 import msgspec
@@ -43,6 +41,7 @@ from actors.complaints.domain import (
     Command,
     CommentComplaint,
     CreateComplaint,
+    Customer,
     EscalateComplaint,
     Priority,
     ReopenComplaint,
@@ -64,10 +63,12 @@ from runtime.actor import ActorContext
 from runtime.commands import CommandReply, CommandRequest, command_id_for, send_command
 from runtime.errors import BusError, StoreUnavailableError
 from runtime.http import Gateway, problem
+from runtime.projection import ReadModelOwner
 from runtime.store.protocol import StreamId
-from runtime.store.readmodel import Document, ReadModelStore, open_read_model_store
+from runtime.store.readmodel import Document, ReadModelStore
 
 T = TypeVar("T")
+NoteCommand = StartInvestigation | CloseComplaint | ReopenComplaint | WithdrawComplaint
 CORRELATION_HEADER = "x-correlation-id"
 IDEMPOTENCY_NAMESPACE = uuid.UUID("0b5f8a52-2a53-4f3e-8d0c-43a4c7b9e6d1")
 POLL = 0.02  # seconds between read-model checks of a min_position query
@@ -504,7 +505,7 @@ def complaint_routes(api: ComplaintApi) -> list[ControllerRouterHandler]:
             return CreateComplaint(
                 complaint_id=complaint_id,
                 store_id=data.store_id,
-                customer=_customer(c),
+                customer=Customer(id=c.id, name=c.name, email=c.email, phone=c.phone),
                 category=data.category,
                 description=data.description,
                 at=at,
@@ -525,14 +526,6 @@ def complaint_routes(api: ComplaintApi) -> list[ControllerRouterHandler]:
             lambda cid, at: AssignComplaint(cid, data.assignee, at, data.note),
         )
 
-    @post("/complaints/{complaint_id:str}/start-investigation", status_code=200)
-    async def start_investigation(
-        request: Request[Any, Any, State], complaint_id: ComplaintId, data: NoteBody
-    ) -> Response[Accepted]:
-        return await api.command(
-            request, complaint_id, lambda cid, at: StartInvestigation(cid, at, data.note)
-        )
-
     @post("/complaints/{complaint_id:str}/resolve", status_code=200)
     async def resolve(
         request: Request[Any, Any, State], complaint_id: ComplaintId, data: ResolveBody
@@ -543,22 +536,6 @@ def complaint_routes(api: ComplaintApi) -> list[ControllerRouterHandler]:
             lambda cid, at: ResolveComplaint(cid, data.resolution, at, data.note, data.reason),
         )
 
-    @post("/complaints/{complaint_id:str}/close", status_code=200)
-    async def close(
-        request: Request[Any, Any, State], complaint_id: ComplaintId, data: NoteBody
-    ) -> Response[Accepted]:
-        return await api.command(
-            request, complaint_id, lambda cid, at: CloseComplaint(cid, at, data.note)
-        )
-
-    @post("/complaints/{complaint_id:str}/reopen", status_code=200)
-    async def reopen(
-        request: Request[Any, Any, State], complaint_id: ComplaintId, data: NoteBody
-    ) -> Response[Accepted]:
-        return await api.command(
-            request, complaint_id, lambda cid, at: ReopenComplaint(cid, at, data.note)
-        )
-
     @post("/complaints/{complaint_id:str}/escalate", status_code=200)
     async def escalate(
         request: Request[Any, Any, State], complaint_id: ComplaintId, data: EscalateBody
@@ -567,14 +544,6 @@ def complaint_routes(api: ComplaintApi) -> list[ControllerRouterHandler]:
             request,
             complaint_id,
             lambda cid, at: EscalateComplaint(cid, data.reason, at, data.manager),
-        )
-
-    @post("/complaints/{complaint_id:str}/withdraw", status_code=200)
-    async def withdraw(
-        request: Request[Any, Any, State], complaint_id: ComplaintId, data: NoteBody
-    ) -> Response[Accepted]:
-        return await api.command(
-            request, complaint_id, lambda cid, at: WithdrawComplaint(cid, at, data.note)
         )
 
     @post("/complaints/{complaint_id:str}/comments", status_code=200)
@@ -647,12 +616,9 @@ def complaint_routes(api: ComplaintApi) -> list[ControllerRouterHandler]:
     return [
         create,
         assign,
-        start_investigation,
+        *(note_route(api, step, command) for step, command in NOTE_STEPS.items()),
         resolve,
-        close,
-        reopen,
         escalate,
-        withdraw,
         comment,
         read_one,
         read_many,
@@ -661,42 +627,35 @@ def complaint_routes(api: ComplaintApi) -> list[ControllerRouterHandler]:
     ]
 
 
-def _customer(c: CustomerBody) -> Any:
-    from actors.complaints.domain import Customer  # noqa: PLC0415
+#: The steps whose body is only an optional note: route -> command.
+NOTE_STEPS: dict[str, type[NoteCommand]] = {
+    "start-investigation": StartInvestigation,
+    "close": CloseComplaint,
+    "reopen": ReopenComplaint,
+    "withdraw": WithdrawComplaint,
+}
 
-    return Customer(id=c.id, name=c.name, email=c.email, phone=c.phone)
+
+def note_route(api: ComplaintApi, step: str, command: type[NoteCommand]) -> ControllerRouterHandler:
+    """``POST /complaints/{id}/<step>`` with ``{}`` or ``{"note": ...}``."""
+
+    async def handler(
+        request: Request[Any, Any, State], complaint_id: ComplaintId, data: NoteBody
+    ) -> Response[Accepted]:
+        return await api.command(
+            request, complaint_id, lambda cid, at: command(complaint_id=cid, at=at, note=data.note)
+        )
+
+    handler.__name__ = step.replace("-", "_")
+    return post(f"/complaints/{{complaint_id:str}}/{step}", status_code=200)(handler)
 
 
-class ComplaintGateway(Gateway):
+class ComplaintGateway(ReadModelOwner, Gateway):
     """The gateway with the complaint API: ``kind: gateway`` with this ``handler``."""
 
     def __init__(self, context: ActorContext) -> None:
-        self._stack = AsyncExitStack()
-        self._store: ReadModelStore | None = None
-        self.api = ComplaintApi(context, self._read_models)
+        self.api = ComplaintApi(context, lambda: self.read_models)
         super().__init__(context, complaint_routes(self.api), middleware=[correlation_middleware])
 
-    def _read_models(self) -> ReadModelStore:
-        if self._store is None:
-            raise _unavailable("the read models are not open yet", retry_after=1)
-        return self._store
-
-    async def __aenter__(self) -> Self:
-        context = self.context
-        self._store = await self._stack.enter_async_context(
-            open_read_model_store(
-                context.topology.database_url,
-                schema=str(context.options.get("schema", "public")),
-                max_size=8,
-            )
-        )
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._store = None
-        await self._stack.aclose()
+    def _pool_size(self) -> int:
+        return 8

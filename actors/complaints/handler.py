@@ -51,35 +51,26 @@ class ComplaintActor(AggregateHandler[Command, ComplaintEvent, ComplaintState]):
         return describe(error)
 
 
+#: The domain's refusals as answers: error class -> (HTTP status, problem type, title). The
+#: first class the error is an instance of wins.
+REFUSALS: dict[type[MagasinError], tuple[int, str, str]] = {
+    InvalidField: (422, "invalid-field", "Invalid field"),
+    ComplaintNotFound: (404, "not-found", "No such complaint"),
+    ComplaintAlreadyExists: (409, "already-exists", "Complaint already exists"),
+    InvalidTransition: (409, "invalid-transition", "Not allowed in this status"),
+}
+
+
 def describe(error: MagasinError) -> CommandError | None:
     """A domain refusal as the answer to send back (None: not the domain's refusal)."""
-    if isinstance(error, InvalidField):
-        return CommandError(
-            status=422,
-            type=f"{PROBLEM_BASE}invalid-field",
-            title="Invalid field",
-            detail=str(error),
-            field=error.field,
-        )
-    if isinstance(error, ComplaintNotFound):
-        return CommandError(
-            status=404,
-            type=f"{PROBLEM_BASE}not-found",
-            title="No such complaint",
-            detail=str(error),
-        )
-    if isinstance(error, ComplaintAlreadyExists):
-        return CommandError(
-            status=409,
-            type=f"{PROBLEM_BASE}already-exists",
-            title="Complaint already exists",
-            detail=str(error),
-        )
-    if isinstance(error, InvalidTransition):
-        return CommandError(
-            status=409,
-            type=f"{PROBLEM_BASE}invalid-transition",
-            title="Not allowed in this status",
-            detail=str(error),
-        )
+    for kind, (status, problem, title) in REFUSALS.items():
+        if isinstance(error, kind):
+            field = error.field if isinstance(error, InvalidField) else None
+            return CommandError(
+                status=status,
+                type=f"{PROBLEM_BASE}{problem}",
+                title=title,
+                detail=str(error),
+                field=field,
+            )
     return None

@@ -161,6 +161,10 @@ def _apply(doc: Document, payload: Any) -> None:
         )
 
 
+#: What ``_Tracked`` projections keep per complaint.
+TRACKED: Final = ("store_id", "status", "assignee", "priority", "created_at")
+
+
 class _Tracked(ProjectionHandler):
     """A projection that keeps, per complaint, the little it needs to compute deltas."""
 
@@ -187,17 +191,9 @@ class _Tracked(ProjectionHandler):
         elif before is None:
             return None, None
         else:
-            after = dict(before)
-            _apply(after, payload)
-            after.pop("resolution", None)
-            after.pop("resolution_reason", None)
-            after.pop("resolution_note", None)
-            after.pop("comments", None)
-            after.pop("escalations", None)
-            after.pop("reopen_count", None)
-            after.pop("escalated_to", None)
-            after.pop("withdrawn_at", None)
-            after.pop("closed_at", None)
+            changed = dict(before)
+            _apply(changed, payload)
+            after = {field: changed.get(field) for field in TRACKED}
         await tx.put(COMPLAINTS, event.aggregate_id, after)
         return before, after
 

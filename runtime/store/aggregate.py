@@ -48,6 +48,7 @@ class Loaded(Generic[S]):
 class Decision(Generic[E]):
     events: Sequence[E]
     result: AppendResult | None  # None when the decision produced no event
+    version: int = 0  # the aggregate's version after the decision
 
 
 class AggregateRepository(Generic[C, E, S]):
@@ -124,13 +125,13 @@ class AggregateRepository(Generic[C, E, S]):
         if metadata is not None and metadata.command_id is not None:
             first = await self.store.command_result(metadata.command_id)
             if first is not None:
-                return Decision((), first)
+                return Decision((), first, first.last_version)
         loaded = await self.load(aggregate_id)
         if expected_version is not None and expected_version != loaded.version:
             raise ConcurrencyError(str(self.stream(aggregate_id)), expected_version, loaded.version)
         events = self.decider.decide(command, loaded.state)
         if not events:
-            return Decision(events, None)
+            return Decision(events, None, loaded.version)
         meta = metadata or Metadata()
         result = await self.store.append(
             self.stream(aggregate_id),
@@ -139,7 +140,7 @@ class AggregateRepository(Generic[C, E, S]):
         )
         if not result.replayed:
             await self._maybe_snapshot(aggregate_id, loaded, events, result)
-        return Decision(events, result)
+        return Decision(events, result, result.last_version)
 
     async def _maybe_snapshot(
         self, aggregate_id: str, loaded: Loaded[S], events: Sequence[E], result: AppendResult
