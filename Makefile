@@ -36,6 +36,8 @@ chaos: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.store
 	$(BIN)/python -m bench.flow
+	$(BIN)/python -m bench.replay
+	$(BIN)/python -m bench.e2e
 
 # Re-resolve the pinned versions (commit the result).
 lock:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 import uuid
 from collections.abc import Sequence
@@ -11,6 +13,7 @@ from typing import NoReturn
 
 import psycopg
 from psycopg import sql
+from yarl import URL
 
 
 class Table:
@@ -77,3 +80,36 @@ def load_average() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "unknown"
+
+
+def rabbitmqctl(*args: str) -> str:
+    executable = shutil.which("rabbitmqctl")
+    if executable is None:
+        raise RuntimeError("rabbitmqctl is not on PATH (it creates the bench's vhost)")
+    result = subprocess.run(
+        [executable, "-q", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"`rabbitmqctl {' '.join(args)}` failed ({result.returncode}): "
+            f"{result.stderr.strip() or result.stdout.strip()}"
+        )
+    return result.stdout
+
+
+@dataclass
+class Vhost:
+    base_url: str
+    name: str
+    created: bool = False
+
+    def create(self) -> str:
+        rabbitmqctl("add_vhost", self.name)
+        self.created = True
+        user = URL(self.base_url).user or "guest"
+        rabbitmqctl("set_permissions", "-p", self.name, user, ".*", ".*", ".*")
+        return str(URL(self.base_url).with_path("/" + self.name))
+
+    def delete(self) -> None:
+        if self.created:
+            rabbitmqctl("delete_vhost", self.name)

@@ -53,9 +53,7 @@ import os
 import platform
 import random
 import re
-import shutil
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -75,11 +73,11 @@ from loguru import logger
 from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
-from yarl import URL
 
 from bench.common import (
     Database,
     Table,
+    Vhost,
     load_average,
     progress,
     raise_interrupt,
@@ -897,39 +895,6 @@ def on_stop_signals() -> asyncio.Event:
 def check_stop(stopping: asyncio.Event) -> None:
     if stopping.is_set():
         raise Interrupted
-
-
-def rabbitmqctl(*args: str) -> str:
-    executable = shutil.which("rabbitmqctl")
-    if executable is None:
-        raise RuntimeError("rabbitmqctl is not on PATH (it creates the bench's vhost)")
-    result = subprocess.run(
-        [executable, "-q", *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"`rabbitmqctl {' '.join(args)}` failed ({result.returncode}): "
-            f"{result.stderr.strip() or result.stdout.strip()}"
-        )
-    return result.stdout
-
-
-@dataclass
-class Vhost:
-    base_url: str
-    name: str
-    created: bool = False
-
-    def create(self) -> str:
-        rabbitmqctl("add_vhost", self.name)
-        self.created = True
-        user = URL(self.base_url).user or "guest"
-        rabbitmqctl("set_permissions", "-p", self.name, user, ".*", ".*", ".*")
-        return str(URL(self.base_url).with_path("/" + self.name))
-
-    def delete(self) -> None:
-        if self.created:
-            rabbitmqctl("delete_vhost", self.name)
 
 
 def header(args: argparse.Namespace, facts: dict[str, str], name: str) -> Iterator[str]:

@@ -95,6 +95,79 @@ def db_migrate(database_url: str | None, schema: str) -> None:
     _run_async(go)
 
 
+@main.command("replay")
+@click.argument("projection")
+@click.option(
+    "--topology",
+    "topology_path",
+    type=click.Path(dir_okay=False, exists=True),
+    default="topology.yaml",
+    show_default=True,
+    help="The topology naming the projection and the database (MAGASIN_DATABASE_URL overrides).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=2000, show_default=True)
+def replay_command(projection: str, topology_path: str, batch_size: int) -> None:
+    """Rebuild PROJECTION (an actor of the topology) from the event store into a shadow copy
+    while the live one keeps serving, then swap them atomically."""
+    from runtime.errors import MagasinError  # noqa: PLC0415
+    from runtime.topology import load_topology  # noqa: PLC0415
+
+    _importable_cwd()
+    try:
+        topology = load_topology(topology_path)
+    except MagasinError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    url = topology.database_url
+    if not url or url.startswith("memory://"):
+        click.echo(
+            "error: the topology runs the embedded in-memory store (database_url is memory://), "
+            "whose read models live in the running process; set MAGASIN_DATABASE_URL to the "
+            "PostgreSQL database to rebuild",
+            err=True,
+        )
+        sys.exit(2)
+    spec = topology.actors.get(projection)
+    schema = str((spec.options if spec else {}).get("schema", "public"))
+
+    async def go() -> None:
+        from runtime.replay import replay  # noqa: PLC0415
+        from runtime.store.postgres import PostgresEventStore  # noqa: PLC0415
+        from runtime.store.readmodel_postgres import PostgresReadModelStore  # noqa: PLC0415
+
+        store = await PostgresEventStore.connect(url, schema=schema)
+        read_models = await PostgresReadModelStore.connect(url, schema=schema)
+        try:
+            head = max(1, (await store.statistics()).head_position)
+            with click.progressbar(length=head, label=f"replaying {projection}") as bar:
+                done = 0
+
+                def advance(read: int, total: int) -> None:
+                    nonlocal done
+                    bar.length = max(bar.length or 0, total)
+                    bar.update(read - done)
+                    done = read
+
+                report = await replay(
+                    topology,
+                    projection,
+                    store=store,
+                    read_models=read_models,
+                    batch_size=batch_size,
+                    progress=advance,
+                )
+        finally:
+            await read_models.close()
+            await store.close()
+        click.echo(
+            f"{report.projection}: {report.events_read:,} events read, "
+            f"{report.events_applied:,} applied in {report.seconds:.1f} s "
+            f"({report.events_per_second:,.0f} events/s); swapped in"
+        )
+
+    _run_async(go)
+
+
 @main.command("run")
 @click.argument("topology", type=click.Path(dir_okay=False, exists=True), default="topology.yaml")
 def run(topology: str) -> None:

@@ -24,6 +24,7 @@ from anyio.abc import TaskStatus
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath
 from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.types import ControllerRouterHandler, Middleware
@@ -60,6 +61,30 @@ class CrashRequested(msgspec.Struct, frozen=True):
 
 
 # --- problem details -------------------------------------------------------------------------
+
+
+class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
+    """An RFC 9457 problem, as the OpenAPI document describes error responses."""
+
+    status: int
+    title: str
+    detail: str
+    type: str = "about:blank"
+    field: str | None = None  # 422: the request field at fault
+    current_version: int | None = None  # 409 on a stale If-Match
+    errors: list[dict[str, Any]] | None = None  # 400: what the framework could not parse
+
+
+def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the problem-details errors a route answers."""
+    return {
+        status: ResponseSpec(
+            data_container=Problem,
+            description=HTTPStatus(status).phrase,
+            media_type="application/problem+json",
+        )
+        for status in statuses
+    }
 
 
 def problem(
@@ -145,7 +170,12 @@ def _runtime_handlers(context: ActorContext) -> list[ControllerRouterHandler]:
         known = [actor.name for actor in supervisor.statistics()]
         raise UnknownActorError(name, known)
 
-    @get("/health/live", tags=["health"], sync_to_thread=False)
+    @get(
+        "/health/live",
+        tags=["health"],
+        sync_to_thread=False,
+        responses={503: ResponseSpec(data_container=Health, description="escalated")},
+    )
     def live() -> Response[Health]:
         """200 while the supervisor is alive (no escalation), else 503."""
         if supervisor.live:
@@ -154,7 +184,12 @@ def _runtime_handlers(context: ActorContext) -> list[ControllerRouterHandler]:
             Health("down", detail="an actor escalated; the runtime is exiting"), status_code=503
         )
 
-    @get("/health/ready", tags=["health"], sync_to_thread=False)
+    @get(
+        "/health/ready",
+        tags=["health"],
+        sync_to_thread=False,
+        responses={503: ResponseSpec(data_container=Health, description="not ready")},
+    )
     def ready() -> Response[Health]:
         """200 when every actor is running and the bus is connected; else 503 and why."""
         if supervisor.ready:
@@ -176,11 +211,22 @@ def _runtime_handlers(context: ActorContext) -> list[ControllerRouterHandler]:
         """Every actor of the topology, in start order, with its figures."""
         return supervisor.statistics()
 
-    @get("/actors/{name:str}", tags=["actors"], sync_to_thread=False)
+    @get(
+        "/actors/{name:str}",
+        tags=["actors"],
+        sync_to_thread=False,
+        responses=problem_responses(404),
+    )
     def actor(name: FromPath[str]) -> ActorStatistics:
         return find(name)
 
-    @post("/actors/{name:str}/crash", tags=["admin"], status_code=202, sync_to_thread=False)
+    @post(
+        "/actors/{name:str}/crash",
+        tags=["admin"],
+        status_code=202,
+        sync_to_thread=False,
+        responses=problem_responses(403, 404, 409),
+    )
     def crash(name: FromPath[str]) -> CrashRequested:
         """Make the actor fail as if its handler had raised (chaos drills; admin only)."""
         target = find(name)

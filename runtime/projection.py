@@ -115,28 +115,31 @@ class ProjectionHandler(ReadModelOwner, abc.ABC):
 
     async def handle_batch(self, deliveries: Sequence[Delivery]) -> None:
         records = [decode_event(d.message_id, d.body) for d in deliveries]
-        streams: dict[str, list[RecordedEvent]] = {}
-        for record in records:
-            streams.setdefault(record.aggregate_id, []).append(record)
-        wanted: dict[str, list[str]] = {}
-        for record in records:
-            for collection, key in self.prefetch(record):
-                wanted.setdefault(collection, []).append(key)
-
-        async def project(tx: ReadModelTx) -> int:
-            await tx.last_versions(list(streams))
-            for collection, keys in wanted.items():
-                await tx.get_many(collection, keys)
-            applied = 0
-            for aggregate_id in sorted(streams):
-                for record in streams[aggregate_id]:
-                    applied += await self.project(tx, record)
-            return applied
-
-        applied = await self.read_models.run(self.projection, project)
+        applied = await self.read_models.run(
+            self.projection, lambda tx: self.project_all(tx, records)
+        )
         counter = getattr(self.context.metrics, "projection_updates_total", None)
         if applied and counter is not None:
             counter.add({"projection": self.projection}, applied)
+
+    async def project_all(self, tx: ReadModelTx, records: Sequence[RecordedEvent]) -> int:
+        """``project`` each record in ``tx``: every aggregate's version locked in one
+        statement, the ``prefetch`` documents read in one per collection, each stream's
+        records in their order; returns how many events were applied."""
+        streams: dict[str, list[RecordedEvent]] = {}
+        wanted: dict[str, list[str]] = {}
+        for record in records:
+            streams.setdefault(record.aggregate_id, []).append(record)
+            for collection, key in self.prefetch(record):
+                wanted.setdefault(collection, []).append(key)
+        await tx.last_versions(list(streams))
+        for collection, keys in wanted.items():
+            await tx.get_many(collection, keys)
+        applied = 0
+        for aggregate_id in sorted(streams):
+            for record in streams[aggregate_id]:
+                applied += await self.project(tx, record)
+        return applied
 
     async def project(self, tx: ReadModelTx, record: RecordedEvent) -> int:
         """Apply ``record`` after any events of its stream missing before it, unless it was

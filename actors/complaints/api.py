@@ -62,7 +62,7 @@ from actors.complaints.projections import (
 from runtime.actor import ActorContext
 from runtime.commands import CommandReply, CommandRequest, command_id_for, send_command
 from runtime.errors import BusError, StoreUnavailableError
-from runtime.http import Gateway, problem
+from runtime.http import Gateway, problem, problem_responses
 from runtime.projection import ReadModelOwner
 from runtime.store.protocol import StreamId
 from runtime.store.readmodel import Document, ReadModelStore
@@ -313,15 +313,30 @@ class ComplaintApi:
             metrics.query_executions_total.inc({"query": name, "outcome": outcome})
             metrics.query_duration_seconds.observe({"query": name}, time.perf_counter() - started)
 
+    async def _check_position(self, position: int) -> None:
+        """A position no event has yet cannot come from a command's answer: refuse it rather
+        than wait for it."""
+        head = (await self.context.store.statistics()).head_position
+        if position > head:
+            raise problem(
+                400,
+                f"min_position {position} is beyond the last event stored ({head}); pass the "
+                "`position` a command answered",
+            )
+
     async def complaint(self, complaint_id: str, min_position: int | None) -> ComplaintView:
         store = self._read_models()
         deadline = anyio.current_time() + self.read_timeout
+        checked = False
         while True:
             doc = await store.get("complaints", COMPLAINTS, complaint_id)
             if doc is not None and (min_position is None or doc["position"] >= min_position):
                 return msgspec.convert(doc, ComplaintView)
             if min_position is None or anyio.current_time() >= deadline:
                 break
+            if not checked:
+                await self._check_position(min_position)
+                checked = True
             await anyio.sleep(POLL)
         if min_position is not None and await self._exists(complaint_id):
             raise _unavailable(
@@ -345,7 +360,8 @@ class ComplaintApi:
         min_position: int | None,
     ) -> ComplaintPage:
         store = self._read_models()
-        if min_position is not None:
+        if min_position:  # 0: nothing to wait for
+            await self._check_position(min_position)
             await self._wait_for_position(store, min_position)
         entries = await store.find(
             "complaints",
@@ -491,6 +507,9 @@ def _accepted(reply: CommandReply, correlation: str, *, created: bool) -> Respon
 
 # --- route handlers -------------------------------------------------------------------------
 
+#: What a command route may answer besides success.
+COMMAND_ERRORS = problem_responses(404, 409, 422, 503)
+
 ComplaintId = Annotated[str, Parameter(min_length=1, max_length=255)]
 MinPosition = Annotated[int | None, Parameter(ge=0, required=False)]
 
@@ -498,7 +517,12 @@ MinPosition = Annotated[int | None, Parameter(ge=0, required=False)]
 def complaint_routes(api: ComplaintApi) -> list[ControllerRouterHandler]:
     """The complaint routes, closed over ``api``."""
 
-    @post("/complaints", status_code=201, summary="Open a complaint")
+    @post(
+        "/complaints",
+        status_code=201,
+        summary="Open a complaint",
+        responses=problem_responses(409, 422, 503),
+    )
     async def create(request: Request[Any, Any, State], data: CreateBody) -> Response[Accepted]:
         def build(complaint_id: str, at: datetime) -> Command:
             c = data.customer
@@ -516,7 +540,12 @@ def complaint_routes(api: ComplaintApi) -> list[ControllerRouterHandler]:
 
         return await api.command(request, str(uuid.uuid4()), build, creating=True)
 
-    @post("/complaints/{complaint_id:str}/assign", status_code=200, summary="Assign it")
+    @post(
+        "/complaints/{complaint_id:str}/assign",
+        status_code=200,
+        summary="Assign it",
+        responses=COMMAND_ERRORS,
+    )
     async def assign(
         request: Request[Any, Any, State], complaint_id: ComplaintId, data: AssignBody
     ) -> Response[Accepted]:
@@ -526,7 +555,7 @@ def complaint_routes(api: ComplaintApi) -> list[ControllerRouterHandler]:
             lambda cid, at: AssignComplaint(cid, data.assignee, at, data.note),
         )
 
-    @post("/complaints/{complaint_id:str}/resolve", status_code=200)
+    @post("/complaints/{complaint_id:str}/resolve", status_code=200, responses=COMMAND_ERRORS)
     async def resolve(
         request: Request[Any, Any, State], complaint_id: ComplaintId, data: ResolveBody
     ) -> Response[Accepted]:
@@ -536,7 +565,7 @@ def complaint_routes(api: ComplaintApi) -> list[ControllerRouterHandler]:
             lambda cid, at: ResolveComplaint(cid, data.resolution, at, data.note, data.reason),
         )
 
-    @post("/complaints/{complaint_id:str}/escalate", status_code=200)
+    @post("/complaints/{complaint_id:str}/escalate", status_code=200, responses=COMMAND_ERRORS)
     async def escalate(
         request: Request[Any, Any, State], complaint_id: ComplaintId, data: EscalateBody
     ) -> Response[Accepted]:
@@ -546,7 +575,7 @@ def complaint_routes(api: ComplaintApi) -> list[ControllerRouterHandler]:
             lambda cid, at: EscalateComplaint(cid, data.reason, at, data.manager),
         )
 
-    @post("/complaints/{complaint_id:str}/comments", status_code=200)
+    @post("/complaints/{complaint_id:str}/comments", status_code=200, responses=COMMAND_ERRORS)
     async def comment(
         request: Request[Any, Any, State], complaint_id: ComplaintId, data: CommentBody
     ) -> Response[Accepted]:
@@ -555,13 +584,21 @@ def complaint_routes(api: ComplaintApi) -> list[ControllerRouterHandler]:
             request, complaint_id, lambda cid, at: CommentComplaint(cid, author, data.text, at)
         )
 
-    @get("/complaints/{complaint_id:str}", summary="One complaint, from the read model")
+    @get(
+        "/complaints/{complaint_id:str}",
+        summary="One complaint, from the read model",
+        responses=problem_responses(404, 503),
+    )
     async def read_one(
         complaint_id: ComplaintId, min_position: MinPosition = None
     ) -> ComplaintView:
         return await api.timed("complaint", api.complaint(complaint_id, min_position))
 
-    @get("/complaints", summary="Complaints by filter, in id order (keyset pagination)")
+    @get(
+        "/complaints",
+        summary="Complaints by filter, in id order (keyset pagination)",
+        responses=problem_responses(503),
+    )
     async def read_many(
         *,
         status: Status | None = None,
@@ -603,7 +640,11 @@ def complaint_routes(api: ComplaintApi) -> list[ControllerRouterHandler]:
             ),
         )
 
-    @get("/complaints/{complaint_id:str}/history", summary="Its events, from the event store")
+    @get(
+        "/complaints/{complaint_id:str}/history",
+        summary="Its events, from the event store",
+        responses=problem_responses(404),
+    )
     async def history(complaint_id: ComplaintId) -> History:
         return await api.timed("history", api.history(complaint_id))
 
@@ -647,7 +688,9 @@ def note_route(api: ComplaintApi, step: str, command: type[NoteCommand]) -> Cont
         )
 
     handler.__name__ = step.replace("-", "_")
-    return post(f"/complaints/{{complaint_id:str}}/{step}", status_code=200)(handler)
+    return post(
+        f"/complaints/{{complaint_id:str}}/{step}", status_code=200, responses=COMMAND_ERRORS
+    )(handler)
 
 
 class ComplaintGateway(ReadModelOwner, Gateway):

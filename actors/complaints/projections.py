@@ -66,7 +66,7 @@ def timestamp(moment: datetime) -> str:
     """A UTC timestamp whose text order is its time order."""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def position_key(position: int) -> str:

@@ -133,6 +133,19 @@ class ReadModelStore(Protocol):
         after_key: str | None = None,
     ) -> list[Entry]: ...
 
+    async def drop(self, projection: str) -> None:
+        """Delete every document and version record of ``projection``."""
+        ...
+
+    async def swap(
+        self, live: str, shadow: str, finish: Callable[[ReadModelTx], Awaitable[object]]
+    ) -> None:
+        """Make ``shadow``'s documents and versions ``live``'s, atomically: readers see the old
+        ones until the commit, then the new. ``finish`` runs first, in the same transaction on
+        ``shadow`` (to apply what the live projection applied meanwhile); while it runs, every
+        projection's writes wait (PostgreSQL locks ``projection_versions``)."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -124,6 +124,25 @@ class MemoryReadModelStore:
                     break
         return found
 
+    async def drop(self, projection: str) -> None:
+        check_name("projection", projection)
+        for key in [k for k in self._docs if k[0] == projection]:
+            del self._docs[key]
+        for key in [k for k in self._versions if k[0] == projection]:
+            del self._versions[key]
+
+    async def swap(
+        self, live: str, shadow: str, finish: Callable[[ReadModelTx], Awaitable[object]]
+    ) -> None:
+        check_name("projection", live)
+        async with self.transaction(shadow) as tx:
+            await finish(tx)
+        await self.drop(live)
+        for projection, collection in [k for k in self._docs if k[0] == shadow]:
+            self._docs[(live, collection)] = self._docs.pop((projection, collection))
+        for projection, aggregate_id in [k for k in self._versions if k[0] == shadow]:
+            self._versions[(live, aggregate_id)] = self._versions.pop((projection, aggregate_id))
+
     async def close(self) -> None:
         return None
 

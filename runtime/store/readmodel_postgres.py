@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any, TypeVar
 
+import msgspec
 import psycopg
 from loguru import logger
 from psycopg import errors as pg_errors
@@ -62,27 +63,34 @@ _CREATE_VERSION = """
 INSERT INTO projection_versions (projection, aggregate_id, version) VALUES (%s, %s, 0)
 ON CONFLICT (projection, aggregate_id) DO UPDATE SET version = projection_versions.version
 RETURNING version"""
+# Lists travel as one JSON document (``jsonb_to_recordset``): psycopg escapes a text array
+# element by element in Python, which costs more than the statement on a replay's batches.
 _SET_VERSIONS = """
 INSERT INTO projection_versions (projection, aggregate_id, version)
-SELECT %s, a, v FROM unnest(%s::text[], %s::integer[]) AS t (a, v)
+SELECT %s, t.a, t.v FROM jsonb_to_recordset(%s::jsonb) AS t (a text, v integer)
 ON CONFLICT (projection, aggregate_id) DO UPDATE SET version = excluded.version
  WHERE projection_versions.version < excluded.version"""
 # Lock (creating at 0 where missing) several version rows in one statement, in key order.
 _LOCK_VERSIONS = """
 INSERT INTO projection_versions (projection, aggregate_id, version)
-SELECT %s, a, 0 FROM unnest(%s::text[]) AS a ORDER BY a
+SELECT %s, a, 0 FROM jsonb_array_elements_text(%s::jsonb) AS a ORDER BY a
 ON CONFLICT (projection, aggregate_id) DO UPDATE SET version = projection_versions.version
 RETURNING aggregate_id, version"""
+# One primary-key lookup per key, whatever the statistics say (a replay fills the table faster
+# than autovacuum analyses it, and a stale estimate picks a scan of the whole projection).
 _GET_MANY = """
-SELECT key, doc::text FROM read_models
- WHERE projection = %s AND collection = %s AND key = ANY(%s::text[])"""
+SELECT k.key, r.doc::text FROM jsonb_array_elements_text(%s::jsonb) AS k (key)
+ CROSS JOIN LATERAL (
+   SELECT doc FROM read_models
+    WHERE projection = %s AND collection = %s AND key = k.key) AS r"""
 _PUT_MANY = """
 INSERT INTO read_models (projection, collection, key, doc)
-SELECT %s, c, k, d::jsonb FROM unnest(%s::text[], %s::text[], %s::text[]) AS t (c, k, d)
+SELECT %s, t.c, t.k, t.d FROM jsonb_to_recordset(%s::jsonb) AS t (c text, k text, d jsonb)
 ON CONFLICT (projection, collection, key) DO UPDATE SET doc = excluded.doc, updated_at = now()"""
 _DELETE_MANY = """
-DELETE FROM read_models AS r USING unnest(%s::text[], %s::text[]) AS t (c, k)
+DELETE FROM read_models AS r USING jsonb_to_recordset(%s::jsonb) AS t (c text, k text)
  WHERE r.projection = %s AND r.collection = t.c AND r.key = t.k"""
+_json = msgspec.json.Encoder()
 
 
 class PostgresReadModelStore:
@@ -241,6 +249,35 @@ class PostgresReadModelStore:
 
         return await self._retrying(projection, read, transactional=False)
 
+    async def drop(self, projection: str) -> None:
+        async def delete(tx: ReadModelTx) -> None:
+            assert isinstance(tx, PostgresReadModelTx)
+            await tx._fetch("DELETE FROM read_models WHERE projection = %s", (projection,))
+            await tx._fetch("DELETE FROM projection_versions WHERE projection = %s", (projection,))
+
+        await self._retrying(projection, delete, transactional=True)
+
+    async def swap(
+        self, live: str, shadow: str, finish: Callable[[ReadModelTx], Awaitable[object]]
+    ) -> None:
+        check_name("projection", live)
+        async with self._session(shadow, transactional=True) as tx:
+            assert isinstance(tx, PostgresReadModelTx)
+            # A million rows take a while to move: no timeout for this one transaction.
+            await tx._fetch("SET LOCAL statement_timeout = 0", ())
+            await tx._fetch("SET LOCAL idle_in_transaction_session_timeout = 0", ())
+            # Live projections' transactions hold ROW EXCLUSIVE on it until they commit:
+            # this waits for them, then holds back new ones until the swap commits.
+            await tx._fetch("LOCK TABLE projection_versions IN EXCLUSIVE MODE", ())
+            await finish(tx)
+            await tx.flush()
+            for table in ("read_models", "projection_versions"):
+                await tx._fetch(f"DELETE FROM {table} WHERE projection = %s", (live,))
+                await tx._fetch(
+                    f"UPDATE {table} SET projection = %s WHERE projection = %s",
+                    (live, shadow),
+                )
+
     def __repr__(self) -> str:
         return f"PostgresReadModelStore({self._where}, schema={self._schema!r})"
 
@@ -254,7 +291,7 @@ class PostgresReadModelTx:
         self._projection = projection
         self._where = where
         self._schema = schema
-        self._writes: dict[tuple[str, str], str | None] = {}  # None: deleted
+        self._writes: dict[tuple[str, str], bytes | None] = {}  # None: deleted
         self._versions: dict[str, int] = {}  # locked: last applied, staged included
         self._staged: set[str] = set()  # aggregates whose version is to be written
         self._read: dict[tuple[str, str], str | None] = {}  # what get_many read (None: absent)
@@ -307,7 +344,9 @@ class PostgresReadModelTx:
             else:
                 wanted.append(key)
         if wanted:
-            rows = await self._fetch(_GET_MANY, (self._projection, collection, wanted))
+            rows = await self._fetch(
+                _GET_MANY, (_json.encode(wanted).decode(), self._projection, collection)
+            )
             raw: dict[str, str | None] = dict.fromkeys(wanted)
             raw.update(rows)
             for key, doc in raw.items():
@@ -318,7 +357,7 @@ class PostgresReadModelTx:
 
     async def put(self, collection: str, key: str, doc: Document) -> None:
         self._check_open()
-        self._writes[(collection, key)] = encode_document(collection, key, doc).decode()
+        self._writes[(collection, key)] = encode_document(collection, key, doc)
 
     async def delete(self, collection: str, key: str) -> None:
         self._check_open()
@@ -352,7 +391,9 @@ class PostgresReadModelTx:
             check_name("aggregate_id", aggregate_id)
         missing = sorted({a for a in aggregate_ids if a not in self._versions})
         if missing:
-            rows = await self._fetch(_LOCK_VERSIONS, (self._projection, missing))
+            rows = await self._fetch(
+                _LOCK_VERSIONS, (self._projection, _json.encode(missing).decode())
+            )
             self._versions.update((aggregate_id, int(v)) for aggregate_id, v in rows)
         return {a: self._versions[a] for a in aggregate_ids}
 
@@ -368,18 +409,18 @@ class PostgresReadModelTx:
         """Send the staged writes (three statements at most); called before the commit."""
         self._check_open()
         writes, self._writes = self._writes, {}
-        puts = [(c, k, d) for (c, k), d in writes.items() if d is not None]
-        deletes = [(c, k) for (c, k), d in writes.items() if d is None]
+        puts = [
+            {"c": c, "k": k, "d": msgspec.Raw(d)} for (c, k), d in writes.items() if d is not None
+        ]
+        deletes = [{"c": c, "k": k} for (c, k), d in writes.items() if d is None]
         if puts:
-            columns = [list(column) for column in zip(*puts, strict=True)]
-            await self._fetch(_PUT_MANY, (self._projection, *columns))
+            await self._fetch(_PUT_MANY, (self._projection, _json.encode(puts).decode()))
         if deletes:
-            collections, keys = ([c for c, _ in deletes], [k for _, k in deletes])
-            await self._fetch(_DELETE_MANY, (collections, keys, self._projection))
+            await self._fetch(_DELETE_MANY, (_json.encode(deletes).decode(), self._projection))
         staged, self._staged = sorted(self._staged), set()
         if staged:
-            versions = [self._versions[a] for a in staged]
-            await self._fetch(_SET_VERSIONS, (self._projection, staged, versions))
+            versions = [{"a": a, "v": self._versions[a]} for a in staged]
+            await self._fetch(_SET_VERSIONS, (self._projection, _json.encode(versions).decode()))
 
 
 def _translate(exc: BaseException, doing: str, where: str, schema: str) -> StoreError:

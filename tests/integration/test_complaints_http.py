@@ -285,3 +285,19 @@ def test_the_openapi_schema_is_served(api: httpx.Client) -> None:
     paths = schema.json()["paths"]
     assert "/complaints" in paths
     assert "/complaints/{complaint_id}/resolve" in paths
+
+
+def test_min_position_beyond_the_store_is_refused_and_zero_waits_for_nothing(
+    api: httpx.Client,
+) -> None:
+    created = create(api)
+    beyond = created["position"] + 1_000_000
+    one = api.get(f"/complaints/{created['id']}", params={"min_position": beyond})
+    assert one.status_code == 400, one.text
+    assert "beyond the last event" in one.json()["detail"]
+    many = api.get("/complaints", params={"min_position": beyond})
+    assert many.status_code == 400, many.text
+    store = f"store-{uuid.uuid4().hex[:8]}"
+    empty = api.get("/complaints", params={"store_id": store, "min_position": 0})
+    assert empty.status_code == 200, empty.text
+    assert empty.json() == {"items": [], "next_cursor": None}
