@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 
+import anyio
 import msgspec
 from loguru import logger
 
@@ -91,11 +92,18 @@ def projection_handler(topology: Topology, actor: str, store: EventStore) -> Pro
 def bound(topology: Topology, handler: ProjectionHandler) -> Callable[[RecordedEvent], bool]:
     """Whether the relay would route an event to one of the handler's queues."""
     bindings = [b for queue in handler.context.spec.work_queues for b in queue.bindings]
+    known: dict[tuple[str, str], bool] = {}  # (aggregate type, event type) -> routed to us
 
     def wanted(record: RecordedEvent) -> bool:
-        exchange = topology.domains.get(record.aggregate_type)
-        key = routing_key(record)
-        return any(b.exchange == exchange and topic_matches(b.routing_key, key) for b in bindings)
+        kind = (record.aggregate_type, record.event_type)
+        routed = known.get(kind)
+        if routed is None:
+            exchange = topology.domains.get(record.aggregate_type)
+            key = routing_key(record)
+            routed = known[kind] = any(
+                b.exchange == exchange and topic_matches(b.routing_key, key) for b in bindings
+            )
+        return routed
 
     return wanted
 
@@ -125,12 +133,23 @@ async def replay(
     async def fold(tx: ReadModelTx, *, batch: Sequence[RecordedEvent]) -> int:
         return await handler.project_all(tx, [r for r in batch if wanted(r)])
 
-    while batch := await store.read_all(checkpoint, batch_size):
-        checkpoint = batch[-1].checkpoint
-        applied += await read_models.run(shadow, partial(fold, batch=batch))
-        read += len(batch)
-        if progress is not None:
-            progress(read, max(head, batch[-1].position))
+    # The next batch is read from the store while this one is folded (two connections).
+    send, receive = anyio.create_memory_object_stream[list[RecordedEvent]](1)
+
+    async def read_ahead() -> None:
+        nonlocal checkpoint
+        async with send:
+            while batch := await store.read_all(checkpoint, batch_size):
+                checkpoint = batch[-1].checkpoint
+                await send.send(batch)
+
+    async with anyio.create_task_group() as tg, receive:
+        tg.start_soon(read_ahead)
+        async for batch in receive:
+            applied += await read_models.run(shadow, partial(fold, batch=batch))
+            read += len(batch)
+            if progress is not None:
+                progress(read, max(head, batch[-1].position))
 
     async def catch_up(tx: ReadModelTx) -> None:
         nonlocal checkpoint, read, applied

@@ -64,9 +64,12 @@ RESOLUTION_BUCKETS: Final = (
 
 def timestamp(moment: datetime) -> str:
     """A UTC timestamp whose text order is its time order."""
-    if moment.tzinfo is None:
+    offset = moment.utcoffset()
+    if offset is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    elif offset:
+        moment = moment.astimezone(UTC)
+    return moment.isoformat(timespec="microseconds")[:26] + "Z"
 
 
 def position_key(position: int) -> str:

@@ -76,13 +76,15 @@ INSERT INTO projection_versions (projection, aggregate_id, version)
 SELECT %s, a, 0 FROM jsonb_array_elements_text(%s::jsonb) AS a ORDER BY a
 ON CONFLICT (projection, aggregate_id) DO UPDATE SET version = projection_versions.version
 RETURNING aggregate_id, version"""
-# One primary-key lookup per key, whatever the statistics say (a replay fills the table faster
-# than autovacuum analyses it, and a stale estimate picks a scan of the whole projection).
+# One primary-key lookup per key, whatever the statistics say: a replay fills the table faster
+# than autovacuum analyses it, and with a stale estimate the planner flattens a plain join into
+# a hash join over the whole projection. The LIMIT keeps the lookup a nested index probe.
 _GET_MANY = """
 SELECT k.key, r.doc::text FROM jsonb_array_elements_text(%s::jsonb) AS k (key)
  CROSS JOIN LATERAL (
    SELECT doc FROM read_models
-    WHERE projection = %s AND collection = %s AND key = k.key) AS r"""
+    WHERE projection = %s AND collection = %s AND key = k.key
+    LIMIT 1) AS r"""
 _PUT_MANY = """
 INSERT INTO read_models (projection, collection, key, doc)
 SELECT %s, t.c, t.k, t.d FROM jsonb_to_recordset(%s::jsonb) AS t (c text, k text, d jsonb)
