@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
@@ -71,7 +71,18 @@ T = TypeVar("T")
 NoteCommand = StartInvestigation | CloseComplaint | ReopenComplaint | WithdrawComplaint
 CORRELATION_HEADER = "x-correlation-id"
 IDEMPOTENCY_NAMESPACE = uuid.UUID("0b5f8a52-2a53-4f3e-8d0c-43a4c7b9e6d1")
-POLL = 0.02  # seconds between read-model checks of a min_position query
+#: Pauses between read-model checks of a min_position query: short first (a projection usually
+#: catches up within milliseconds), then longer, so waiting readers cost little.
+POLL_FIRST, POLL_MAX = 0.005, 0.05
+
+
+def pauses() -> Iterator[float]:
+    pause = POLL_FIRST
+    while True:
+        yield pause
+        pause = min(POLL_MAX, pause * 2)
+
+
 MAX_LIMIT = 200
 
 # --- request and response bodies --------------------------------------------------------------
@@ -328,6 +339,7 @@ class ComplaintApi:
         store = self._read_models()
         deadline = anyio.current_time() + self.read_timeout
         checked = False
+        backoff = pauses()
         while True:
             doc = await store.get("complaints", COMPLAINTS, complaint_id)
             if doc is not None and (min_position is None or doc["position"] >= min_position):
@@ -337,7 +349,7 @@ class ComplaintApi:
             if not checked:
                 await self._check_position(min_position)
                 checked = True
-            await anyio.sleep(POLL)
+            await anyio.sleep(next(backoff))
         if min_position is not None and await self._exists(complaint_id):
             raise _unavailable(
                 f"complaint {complaint_id} is not projected up to position {min_position} "
@@ -379,6 +391,7 @@ class ComplaintApi:
         """Until the list holds a complaint whose last projected event is at or after
         ``position``. (Events of other complaints may be projected out of position order by
         competing workers: this is read-your-writes for a single writer, not a snapshot.)"""
+        backoff = pauses()
         with anyio.move_on_after(self.read_timeout):
             while True:
                 found = await store.find(
@@ -389,7 +402,7 @@ class ComplaintApi:
                 )
                 if found:
                     return
-                await anyio.sleep(POLL)
+                await anyio.sleep(next(backoff))
         raise _unavailable(
             f"the complaint list has not reached position {position} yet "
             f"(waited {self.read_timeout:g}s); retry shortly",

@@ -211,6 +211,8 @@ class RabbitMQBus(RepublishingSettlement):
         self._requests = PendingRequests()
         self._requester: AbstractChannel | None = None  # opened by the first request
         self._requester_lock = anyio.Lock()
+        self._answerer: AbstractChannel | None = None  # answers: no confirms, opened lazily
+        self._answerer_lock = anyio.Lock()
         self._closed = False
 
     @classmethod
@@ -432,8 +434,12 @@ class RabbitMQBus(RepublishingSettlement):
     async def reply(
         self, delivery: Delivery, body: bytes, *, headers: Headers | None = None
     ) -> None:
-        """Answer on the publisher channel (a direct reply-to answer may use any channel).
-        Not mandatory and not persistent: if the requester is gone, the broker drops it."""
+        """Answer on a channel of its own without publisher confirms (a direct reply-to
+        answer may use any channel). Not mandatory, not persistent, not confirmed: if the
+        requester is gone, the broker drops it; if the answer is lost, the requester's
+        timeout asks its client to retry with the same id. On the confirming publisher
+        channel an answer would wait for the confirms of every persistent publish before
+        it (the relay's), some milliseconds per command."""
         if not delivery.reply_to:
             logger.debug(
                 "message {id} of {queue} is not a request: there is nobody to answer",
@@ -441,8 +447,27 @@ class RabbitMQBus(RepublishingSettlement):
                 queue=delivery.queue,
             )
             return
+        self._check_open()
         answer = Message(body, headers=dict(headers or {}), correlation_id=delivery.correlation_id)
-        await self._publish("", delivery.reply_to, answer, mandatory=False)
+        try:
+            with anyio.fail_after(self._publish_timeout):
+                channel = await self._answers_channel()
+                await channel.default_exchange.publish(answer, delivery.reply_to, mandatory=False)
+        except (*_LINK_ERRORS, TimeoutError) as exc:
+            raise PublishNotConfirmedError(
+                f"the answer to request {delivery.message_id} could not be sent to "
+                f"{self._where} ({type(exc).__name__}); handle the request again"
+            ) from exc
+
+    async def _answers_channel(self) -> AbstractChannel:
+        async with self._answerer_lock:
+            channel = self._answerer
+            if channel is None or channel.is_closed:
+                await self._connection.ready()  # waits out a reconnection
+                channel = self._connection.channel(publisher_confirms=False)
+                await channel.initialize()
+                self._answerer = channel
+            return channel
 
     async def _requests_channel(self, deadline: float, what: str) -> AbstractChannel:
         """The requests channel, opened again if it died with its connection: waits out a

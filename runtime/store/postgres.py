@@ -52,6 +52,8 @@ from runtime.store.protocol import (
 )
 
 T = TypeVar("T")
+#: Longest pause between reads while a notified commit is not yet readable (seconds).
+NOTIFIED_RETRY_MAX = 0.02
 AsyncConn = psycopg.AsyncConnection[Any]
 
 _COLUMNS = """event_id, event_type, aggregate_type, aggregate_id, version, position,
@@ -344,22 +346,34 @@ class PostgresEventStore:
         self, after: Checkpoint = Checkpoint.START, batch_size: int = 500
     ) -> AsyncGenerator[list[RecordedEvent], None]:
         checkpoint = after
+        unseen = 0.0  # since when a notified commit has not been readable (0: none)
         async with self._listener() as wait_for_append:
             while True:
                 batch = await self.read_all(checkpoint, batch_size)
                 if batch:
+                    unseen = 0.0
                     checkpoint = batch[-1].checkpoint
                     yield batch
                     if len(batch) == batch_size:
                         continue
-                await wait_for_append(self._poll_interval)
+                elif unseen:
+                    # A commit was announced but read_all cannot pass a transaction still
+                    # open elsewhere (any writer in the cluster, for a few milliseconds):
+                    # look again soon rather than at the next notification or poll.
+                    waited = anyio.current_time() - unseen
+                    if waited < self._poll_interval:
+                        await anyio.sleep(min(NOTIFIED_RETRY_MAX, max(0.002, waited)))
+                        continue
+                    unseen = 0.0
+                if await wait_for_append(self._poll_interval):
+                    unseen = anyio.current_time()
 
     @asynccontextmanager
-    async def _listener(self) -> AsyncIterator[Callable[[float], Awaitable[None]]]:
+    async def _listener(self) -> AsyncIterator[Callable[[float], Awaitable[bool]]]:
         """A dedicated autocommit connection LISTENing on the append channel.
 
-        ``wait(timeout)`` returns on a notification, on the timeout (the polling fallback),
-        or at once after a reconnection, so the caller catches up on what it missed.
+        ``wait(timeout)`` returns on a notification (True), on the timeout (the polling
+        fallback), or at once after a reconnection, so the caller catches up on what it missed.
         """
         listen = sql.SQL("LISTEN {}").format(sql.Identifier(self.channel))
         conn: AsyncConn | None = None
@@ -373,21 +387,23 @@ class PostgresEventStore:
                 return None
             return new
 
-        async def wait(poll_interval: float) -> None:
+        async def wait(poll_interval: float) -> bool:
             nonlocal conn
             if conn is None or conn.closed:
                 conn = await connect()
                 if conn is not None:
-                    return  # reconnected: the caller catches up before waiting again
+                    return False  # reconnected: the caller catches up before waiting again
                 await anyio.sleep(poll_interval)
-                return
+                return False
+            notified = False
             try:
                 async for _ in conn.notifies(timeout=poll_interval, stop_after=1):
-                    pass
+                    notified = True
             except psycopg.OperationalError as exc:
                 logger.warning("LISTEN connection lost ({exc}); reconnecting", exc=exc)
                 await conn.close()
                 conn = None
+            return notified
 
         conn = await connect()
         try:

@@ -322,3 +322,35 @@ class TestLeases:
                 with pytest.raises(LeaseLostError, match="relay"):
                     await lease.check()
                 tg.cancel_scope.cancel()
+
+
+async def test_a_notified_commit_held_behind_an_open_transaction_is_read_once_it_ends(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """read_all cannot pass a transaction still open anywhere in the cluster. A subscriber
+    woken by a commit it cannot read yet looks again within milliseconds, not at its next
+    poll (here 30 s): any writer's transaction, a projection's included, is such a blocker."""
+    store = await PostgresEventStore.connect(pg_dsn, schema=pg_schema, poll_interval=30.0)
+    received: list[RecordedEvent] = []
+    try:
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as blocker:
+            await blocker.execute("SELECT pg_current_xact_id()")  # holds an xid: the horizon
+
+            async def tail() -> None:
+                async for batch in store.subscribe(Checkpoint.START, 100):
+                    received.extend(batch)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tail)
+                await anyio.sleep(0.3)  # the subscriber is waiting for a notification
+                await store.append(ledger(), [new(Opened("late"))], 0)
+                await anyio.sleep(0.3)
+                assert received == [], "read_all passed a transaction still open"
+                await blocker.rollback()
+                with anyio.fail_after(10):  # far below the 30 s poll
+                    while not received:  # noqa: ASYNC110 - the subscriber fills it
+                        await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+        assert [e.version for e in received] == [1]
+    finally:
+        await store.close()
