@@ -8,8 +8,6 @@ complaints and stores of its own.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +18,7 @@ import httpx
 import pytest
 
 from tests.support.postgres import create_database
-from tests.support.process import clean_env, free_port
+from tests.support.process import magasin_running
 from tests.support.rabbitmq import amqp_url, rabbitmq_vhost  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,38 +50,16 @@ def api(
     amqp_url: str,  # noqa: F811 - the fixture imported above
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[httpx.Client]:
-    port = free_port()
-    env = {"MAGASIN_HTTP_PORT": str(port)}
+    env: dict[str, str] = {}
     database = None
     if request.param != "embedded":
         database = create_database()
         env |= {"MAGASIN_DATABASE_URL": next(database), "MAGASIN_AMQP_URL": amqp_url}
     log = tmp_path_factory.mktemp("complaints") / "magasin.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "run", "topology.yaml"],
-            cwd=ROOT,
-            env=clean_env(**env),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            assert process.poll() is None, log.read_text(errors="replace")
-            try:
-                if httpx.get(f"{base}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text(errors="replace")
-            time.sleep(0.1)
-        with httpx.Client(base_url=base, timeout=15) as client:
+        with magasin_running(env, log) as url, httpx.Client(base_url=url, timeout=15) as client:
             yield client
     finally:
-        process.kill()
-        process.wait(timeout=10)
         if database is not None:
             database.close()  # drops it
 
