@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import httpx
 
     from runtime.bus.protocol import Bus
+    from runtime.topology import Topology
 
 _T = TypeVar("_T")
 
@@ -109,15 +110,8 @@ def db_migrate(database_url: str | None, schema: str) -> None:
 def replay_command(projection: str, topology_path: str, batch_size: int) -> None:
     """Rebuild PROJECTION (an actor of the topology) from the event store into a shadow copy
     while the live one keeps serving, then swap them atomically."""
-    from runtime.errors import MagasinError  # noqa: PLC0415
-    from runtime.topology import load_topology  # noqa: PLC0415
-
     _importable_cwd()
-    try:
-        topology = load_topology(topology_path)
-    except MagasinError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    topology = _load_or_exit(topology_path, check_handlers=True)
     url = topology.database_url
     if not url or url.startswith("memory://"):
         click.echo(
@@ -454,17 +448,21 @@ def chaos(
 # --- dead-letter queues ----------------------------------------------------------------------
 
 
-def _dead_letter_url(topology_path: str, queue: str) -> str:
-    """The broker URL of the topology (MAGASIN_AMQP_URL overrides); exits 2 when it is the
-    embedded bus, whose dead letters die with the process that holds them."""
-    from runtime.errors import TopologyError  # noqa: PLC0415
+def _load_or_exit(path: str, *, check_handlers: bool) -> Topology:
+    """The topology at ``path``, or its error on stderr and exit 2."""
     from runtime.topology import load_topology  # noqa: PLC0415
 
     try:
-        topology = load_topology(topology_path, check_handlers=False)
-    except TopologyError as exc:
+        return load_topology(path, check_handlers=check_handlers)
+    except MagasinError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+
+
+def _dead_letter_url(topology_path: str, queue: str) -> str:
+    """The broker URL of the topology (MAGASIN_AMQP_URL overrides); exits 2 when it is the
+    embedded bus, whose dead letters die with the process that holds them."""
+    topology = _load_or_exit(topology_path, check_handlers=False)
     url = topology.amqp_url
     if not url or url.startswith("memory://"):
         click.echo(
