@@ -253,6 +253,11 @@ def test_stats_count_by_status_and_store(api: httpx.Client) -> None:
     assert stats["by_status"]["resolved"] == 1
     assert stats["mean_resolution_seconds"] is not None
     assert stats["sla_breaches"] == 0
+    metrics = api.get("/metrics").text
+    assert 'command_executions_total{command="resolve",outcome="ok"}' in metrics
+    assert 'command_duration_seconds_count{command="create"}' in metrics
+    assert 'projection_updates_total{projection="store-stats"}' in metrics
+    assert 'query_executions_total{outcome="ok",query="stats"}' in metrics
 
 
 def test_the_openapi_schema_is_served(api: httpx.Client) -> None:
@@ -277,3 +282,39 @@ def test_min_position_beyond_the_store_is_refused_and_zero_waits_for_nothing(
     empty = api.get("/complaints", params={"store_id": store, "min_position": 0})
     assert empty.status_code == 200, empty.text
     assert empty.json() == {"items": [], "next_cursor": None}
+
+
+def test_a_command_nobody_answers_is_503_with_retry_after_and_metrics_count_the_rest(
+    tmp_path: Path,
+) -> None:
+    """The aggregate actor stuck (here: a consumer of complaint.commands that never answers):
+    the gateway waits ``command_timeout``, then says 503 with Retry-After, and that retrying
+    with the same Idempotency-Key is safe."""
+    topology = tmp_path / "topology.yaml"
+    topology.write_text(
+        """
+grace_period: 1s
+actors:
+  complaints:
+    kind: aggregate
+    handler: tests.support.handlers:Mute
+    queue: complaint.commands
+    retry: {handler_timeout: 1h}
+  gateway:
+    kind: gateway
+    handler: actors.complaints.api:ComplaintGateway
+    options: {command_timeout: 0.5}
+""",
+        encoding="utf-8",
+    )
+    with magasin_running({}, tmp_path / "magasin.log", topology=str(topology)) as url:
+        answer = httpx.post(f"{url}/complaints", json=body(), timeout=10)
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        missing = httpx.get(f"{url}/complaints/nobody", timeout=10)
+        metrics_after = httpx.get(f"{url}/metrics", timeout=10).text
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["retry-after"] == "1"
+    assert "Idempotency-Key" in answer.json()["detail"]
+    assert "command_executions_total{" not in metrics  # HELP and TYPE only: nothing executed
+    assert missing.status_code == 404
+    assert 'query_executions_total{outcome="404",query="complaint"} 1' in metrics_after

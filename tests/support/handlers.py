@@ -44,3 +44,13 @@ class Stubborn:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         await anyio.sleep_forever()
+
+
+class Mute:
+    """Consumes requests and never answers them: an aggregate actor that is stuck."""
+
+    def __init__(self, context: ActorContext) -> None:
+        self.context = context
+
+    async def handle(self, delivery: Delivery) -> None:
+        await anyio.sleep_forever()
