@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Self, TypeVar
 
 import anyio
 import msgspec
@@ -34,6 +34,8 @@ from litestar.plugins.problem_details import ProblemDetailsException
 from litestar.types import ASGIApp, ControllerRouterHandler, Message, Receive, Scope, Send
 from loguru import logger
 
+from actors.audit.api import audit_routes
+from actors.audit.trail import X_OCCURRED_AT, X_USER
 from actors.complaints.domain import CODEC as COMPLAINT_CODEC
 from actors.complaints.domain import (
     AssignComplaint,
@@ -61,15 +63,18 @@ from actors.complaints.projections import (
 )
 from runtime.actor import ActorContext
 from runtime.commands import CommandReply, CommandRequest, command_id_for, send_command
-from runtime.errors import BusError, StoreUnavailableError
+from runtime.errors import ActorError, BusError, StoreUnavailableError
 from runtime.http import Gateway, problem, problem_responses
+from runtime.messages import X_AGGREGATE_ID, X_AGGREGATE_TYPE, X_CORRELATION_ID, X_EVENT_TYPE
 from runtime.projection import ReadModelOwner
+from runtime.store.audit import AuditLog, open_audit_log
 from runtime.store.protocol import StreamId
 from runtime.store.readmodel import Document, ReadModelStore
 
 T = TypeVar("T")
 NoteCommand = StartInvestigation | CloseComplaint | ReopenComplaint | WithdrawComplaint
 CORRELATION_HEADER = "x-correlation-id"
+AUDIT_EXCHANGE = "audit.events"
 IDEMPOTENCY_NAMESPACE = uuid.UUID("0b5f8a52-2a53-4f3e-8d0c-43a4c7b9e6d1")
 #: Pauses between read-model checks of a min_position query: short first (a projection usually
 #: catches up within milliseconds), then longer, so waiting readers cost little.
@@ -131,6 +136,56 @@ class EscalateBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class CommentBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     text: Annotated[str, msgspec.Meta(min_length=1, max_length=5000)]
     author: Annotated[str, msgspec.Meta(min_length=1, max_length=255)] | None = None
+
+
+class CommandOutcome(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A command's outcome as the gateway publishes it to ``audit.events``."""
+
+    command_id: uuid.UUID
+    command: str
+    aggregate_id: str
+    outcome: str  # accepted, replayed, rejected or unanswered
+    at: datetime
+    status: int = 200
+    version: int | None = None
+    position: int | None = None
+    events: tuple[str, ...] = ()
+    detail: str | None = None
+
+
+def command_outcome(
+    request: CommandRequest, name: str, reply: CommandReply | None
+) -> CommandOutcome:
+    outcome = CommandOutcome(
+        command_id=request.command_id,
+        command=name,
+        aggregate_id=request.aggregate_id,
+        outcome="unanswered",
+        at=datetime.now(UTC),
+        status=503,
+    )
+    if reply is None:
+        return outcome
+    if reply.error is not None:
+        return msgspec.structs.replace(
+            outcome, outcome="rejected", status=reply.error.status, detail=reply.error.detail
+        )
+    return msgspec.structs.replace(
+        outcome,
+        outcome="replayed" if reply.replayed else "accepted",
+        status=200,
+        version=reply.version,
+        position=reply.position,
+        events=reply.events,
+    )
+
+
+def outcome_message_id(command_id: uuid.UUID, outcome: str) -> str:
+    """An accepted command's outcome is recorded under the command id, which its events name
+    as their causation: the audit trail links them. Other outcomes get ids of their own."""
+    if outcome == "accepted":
+        return str(command_id)
+    return str(uuid.uuid5(command_id, outcome))
 
 
 class Accepted(msgspec.Struct, frozen=True):
@@ -299,12 +354,44 @@ class ComplaintApi:
                 self.context.bus, COMMAND_QUEUE, req, timeout=self.command_timeout
             )
         except (BusError, StoreUnavailableError) as exc:
+            await self.audit_outcome(req, type(command).__name__, None)
             raise _unavailable(
                 f"the command was not answered: {exc}. Retry with the same Idempotency-Key "
                 "header to be safe",
                 retry_after=1,
             ) from exc
+        await self.audit_outcome(req, type(command).__name__, reply)
         return _accepted(reply, correlation, created=creating)
+
+    async def audit_outcome(
+        self, request: CommandRequest, name: str, reply: CommandReply | None
+    ) -> None:
+        """Publish the command's outcome to ``audit.events`` for the audit trail. Not
+        mandatory (a topology without an audit actor is fine) and never fails the request:
+        the command's events are audited from the store whatever happens here."""
+        outcome = command_outcome(request, name, reply)
+        try:
+            await self.context.bus.publish(
+                AUDIT_EXCHANGE,
+                f"command.{name}.{outcome.outcome}",
+                msgspec.json.encode(outcome),
+                message_id=outcome_message_id(request.command_id, outcome.outcome),
+                headers={
+                    X_CORRELATION_ID: request.correlation_id,
+                    X_AGGREGATE_ID: request.aggregate_id,
+                    X_AGGREGATE_TYPE: "complaint",
+                    X_EVENT_TYPE: f"{name}.{outcome.outcome}",
+                    X_USER: request.user,
+                    X_OCCURRED_AT: outcome.at.isoformat(),
+                },
+                mandatory=False,
+            )
+        except BusError as exc:
+            logger.warning(
+                "the outcome of command {command_id} was not published for the audit trail: {exc}",
+                command_id=request.command_id,
+                exc=exc,
+            )
 
     # queries
 
@@ -707,11 +794,31 @@ def note_route(api: ComplaintApi, step: str, command: type[NoteCommand]) -> Cont
 
 
 class ComplaintGateway(ReadModelOwner, Gateway):
-    """The gateway with the complaint API: ``kind: gateway`` with this ``handler``."""
+    """The gateway with the complaint API and the audit trail's: ``kind: gateway`` with this
+    ``handler``."""
+
+    _audit: AuditLog | None = None
 
     def __init__(self, context: ActorContext) -> None:
         self.api = ComplaintApi(context, lambda: self.read_models)
-        super().__init__(context, complaint_routes(self.api), middleware=[correlation_middleware])
+        routes = [*complaint_routes(self.api), *audit_routes(lambda: self.audit)]
+        super().__init__(context, routes, middleware=[correlation_middleware])
+
+    async def __aenter__(self) -> Self:
+        await super().__aenter__()
+        self._audit = await self._stack.enter_async_context(
+            open_audit_log(
+                self.context.topology.database_url,
+                schema=str(self.context.options.get("schema", "public")),
+            )
+        )
+        return self
+
+    @property
+    def audit(self) -> AuditLog:
+        if self._audit is None:
+            raise ActorError("the gateway's audit trail is not open: use `async with gateway:`")
+        return self._audit
 
     def _pool_size(self) -> int:
         return 8

@@ -120,6 +120,34 @@ class Metrics:
             registry=r,
             buckets=LATENCY_BUCKETS,
         )
+        # --- audit, sagas, notifications ---
+        self.audit_entries_total = Counter(
+            "magasin_audit_entries_total",
+            "Messages the audit actor saw, by kind and outcome (recorded, duplicate).",
+            registry=r,
+        )
+        self.saga_executions_total = Counter(
+            "saga_executions_total",
+            "Sagas by saga type and outcome (started, completed, compensated, "
+            "compensation_failed).",
+            registry=r,
+        )
+        self.saga_step_executions_total = Counter(
+            "saga_step_executions_total", "Saga steps run, by saga, step and outcome.", registry=r
+        )
+        self.saga_compensations_total = Counter(
+            "saga_compensations_total",
+            "Compensating steps run, by saga, step and outcome.",
+            registry=r,
+        )
+        self.sagas_active = Gauge(
+            "magasin_sagas_active", "Sagas started and not finished, by saga type.", registry=r
+        )
+        self.notifications_total = Counter(
+            "magasin_notifications_total",
+            "Notifications by channel and outcome (sent, duplicate, failed).",
+            registry=r,
+        )
         self.runtime_ready = Gauge(
             "magasin_runtime_ready", "1 when every actor consumes, else 0.", registry=r
         )

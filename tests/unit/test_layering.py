@@ -29,6 +29,7 @@ DRIVER_ADAPTERS = frozenset(
     {
         "runtime/store/postgres.py",
         "runtime/store/readmodel_postgres.py",
+        "runtime/store/audit_postgres.py",
         "runtime/store/migrate.py",
         "runtime/cli.py",
     }
