@@ -577,10 +577,6 @@ def dlq_purge(queue: str, yes: bool, topology_path: str) -> None:
     click.echo(f"purged {purged} message(s) from {source}")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 # --- the audit trail ---------------------------------------------------------------------------
 
 
@@ -706,3 +702,32 @@ def audit_export(
         written = _run_async(go, sys.stdout.buffer)
     if output:
         click.echo(f"{written} records written to {output}", err=True)
+
+
+# --- commands of the application ---------------------------------------------------------------
+
+#: Entry-point group through which installed packages add commands (``magasin saga`` comes
+#: from ``actors``): the runtime stays generic and never imports the application.
+COMMANDS_GROUP = "magasin.commands"
+
+
+def _add_plugin_commands() -> None:
+    from importlib.metadata import entry_points  # noqa: PLC0415
+
+    for entry in entry_points(group=COMMANDS_GROUP):
+        if entry.name in main.commands:
+            continue
+        try:
+            command = entry.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the CLI
+            click.echo(
+                f"warning: cannot load command {entry.name!r} ({entry.value}): {exc}", err=True
+            )
+            continue
+        main.add_command(command, entry.name)
+
+
+_add_plugin_commands()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

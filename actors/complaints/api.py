@@ -61,6 +61,7 @@ from actors.complaints.projections import (
     position_key,
     timestamp,
 )
+from actors.resolution_saga.api import saga_routes
 from runtime.actor import ActorContext
 from runtime.commands import CommandReply, CommandRequest, command_id_for, send_command
 from runtime.errors import ActorError, BusError, StoreUnavailableError
@@ -801,7 +802,11 @@ class ComplaintGateway(ReadModelOwner, Gateway):
 
     def __init__(self, context: ActorContext) -> None:
         self.api = ComplaintApi(context, lambda: self.read_models)
-        routes = [*complaint_routes(self.api), *audit_routes(lambda: self.audit)]
+        routes = [
+            *complaint_routes(self.api),
+            *saga_routes(lambda: self.read_models),
+            *audit_routes(lambda: self.audit),
+        ]
         super().__init__(context, routes, middleware=[correlation_middleware])
 
     async def __aenter__(self) -> Self:
