@@ -52,9 +52,16 @@ def test_the_default_topology_yaml_loads_with_its_handlers_checked() -> None:
         "complaint-list",
         "complaint-workload",
         "complaint-store-stats",
+        "resolution-saga",
+        "saga-timers",
+        "payments",
+        "notifications",
+        "audit",
         "gateway",
     ]
     assert topology.actors["complaints"].queue == "complaint.commands"
+    assert topology.actors["audit"].queue == "audit.all.events"
+    assert topology.actors["resolution-saga"].queue == "saga.orchestration"
     assert topology.actors["gateway"].handler == "actors.complaints.api:ComplaintGateway"
     assert topology.database_url == "memory://"
     assert topology.amqp_url == "memory://"
