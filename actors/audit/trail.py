@@ -35,7 +35,7 @@ def entry_of_delivery(delivery: Delivery, domains: frozenset[str]) -> AuditEntry
     """What to record of ``delivery``: a relayed event (from a domain exchange) is read from
     its body, anything else from its headers. An undecodable event raises
     ``MessageDecodeError`` (the runtime dead-letters it)."""
-    if delivery.exchange in domains:
+    if delivery.original_exchange in domains:
         record = decode_event(delivery.message_id, delivery.body)
         meta = record.metadata
         return AuditEntry(
@@ -51,11 +51,11 @@ def entry_of_delivery(delivery: Delivery, domains: frozenset[str]) -> AuditEntry
             user=meta.user,
         )
     headers = delivery.headers
-    kind: Kind = "command" if delivery.exchange == COMMAND_OUTCOMES else "message"
+    kind: Kind = "command" if delivery.original_exchange == COMMAND_OUTCOMES else "message"
     return AuditEntry(
         event_id=_uuid(delivery.message_id),
         kind=kind,
-        event_type=_text(headers.get(X_EVENT_TYPE)) or delivery.routing_key,
+        event_type=_text(headers.get(X_EVENT_TYPE)) or delivery.original_routing_key,
         occurred_at=_time(headers.get(X_OCCURRED_AT)),
         payload_digest=payload_digest(delivery.body),
         aggregate_type=_text(headers.get(X_AGGREGATE_TYPE)),

@@ -240,16 +240,16 @@ class Notifier(ReadModelOwner):
         self._domains = frozenset(context.topology.domains.values())
 
     async def handle(self, delivery: Delivery) -> None:
-        if delivery.exchange in self._domains:
+        if delivery.original_exchange in self._domains:
             record = decode_event(delivery.message_id, delivery.body)
             event_id, event_type = str(record.event_id), record.event_type
             wanted = await self._wanted(record)
-        elif delivery.routing_key == NOTIFICATION_REQUESTED:
+        elif delivery.original_routing_key == NOTIFICATION_REQUESTED:
             request = decode_body(delivery, NotificationRequested)
             event_id, event_type = request.notification_id, "NotificationRequested"
             wanted = [Wanted(request.recipient, request.template, dict(request.data))]
         else:
-            raise Reject(f"the notifier does not handle {delivery.routing_key!r} messages")
+            raise Reject(f"the notifier does not handle {delivery.original_routing_key!r} messages")
         for want in wanted:
             for channel in self.channels:
                 await self._deliver(channel, event_id, event_type, want)

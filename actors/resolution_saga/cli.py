@@ -20,6 +20,7 @@ import msgspec
 from actors.resolution_saga.api import load_saga
 from actors.resolution_saga.messages import RETRY_REQUESTED, SAGA_EXCHANGE, RetryRequested
 from actors.resolution_saga.state import INSTANCES, NAMESPACE, SAGA_TYPE
+from runtime.bus.protocol import X_ORDERING_KEY
 from runtime.errors import MagasinError
 from runtime.messages import X_AGGREGATE_ID, X_AGGREGATE_TYPE, X_EVENT_TYPE
 from runtime.store.readmodel import open_read_model_store
@@ -130,6 +131,7 @@ def saga_retry(complaint_id: str, topology_path: str) -> None:
                 message_id=str(uuid.uuid4()),
                 headers={
                     X_AGGREGATE_ID: complaint_id,
+                    X_ORDERING_KEY: complaint_id,  # with the complaint's events
                     X_AGGREGATE_TYPE: "saga",
                     X_EVENT_TYPE: f"{SAGA_TYPE}.retry.requested",
                 },

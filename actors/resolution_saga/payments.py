@@ -7,8 +7,9 @@ Each request is paid once: its result is recorded by request id (namespace ``pay
 a redelivered request answers the recorded result again.
 
 Told to fail by its options: ``fail`` (a list of kinds, e.g. ``[refund]``, or ``true`` for
-all), to exercise the saga's compensations. Options: ``attempts`` (default 3), ``backoff``
-(seconds, default 0.2), ``schema``.
+all), to exercise the saga's compensations; ``delay`` (kind → seconds the provider takes,
+a slow provider). Options: ``attempts`` (default 3), ``backoff`` (seconds, default 0.2),
+``schema``.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from actors.resolution_saga.messages import (
     PaymentResult,
 )
 from runtime.actor import ActorContext, decode_body
-from runtime.bus.protocol import Delivery
+from runtime.bus.protocol import X_ORDERING_KEY, Delivery
 from runtime.messages import X_AGGREGATE_ID, X_AGGREGATE_TYPE, X_CAUSATION_ID, X_EVENT_TYPE
 from runtime.projection import ReadModelOwner
 from runtime.store.readmodel import ReadModelTx
+from runtime.topology import parse_duration
 
 NAMESPACE = "payments"
 REQUESTS = "requests"
@@ -49,7 +51,11 @@ class Payments(ReadModelOwner):
         self.fail_all = fail is True
         self.fail_kinds = frozenset() if isinstance(fail, bool) else frozenset(map(str, fail))
         self.attempts = max(1, int(options.get("attempts", 3)))
-        self.backoff = float(options.get("backoff", 0.2))
+        self.backoff = parse_duration(options.get("backoff", 0.2))
+        self.delay = {
+            str(kind): parse_duration(value)
+            for kind, value in dict(options.get("delay") or {}).items()
+        }
 
     async def handle(self, delivery: Delivery) -> None:
         request = decode_body(delivery, PaymentRequested)
@@ -74,6 +80,7 @@ class Payments(ReadModelOwner):
             headers={
                 X_CAUSATION_ID: request.request_id,
                 X_AGGREGATE_ID: request.saga_id,
+                X_ORDERING_KEY: request.saga_id,  # with the complaint's events
                 X_AGGREGATE_TYPE: "payment",
                 X_EVENT_TYPE: "PaymentCompleted" if result.ok else "PaymentFailed",
                 "x-correlation-id": delivery.headers.get("x-correlation-id"),
@@ -82,6 +89,7 @@ class Payments(ReadModelOwner):
 
     async def _pay(self, request: PaymentRequested) -> PaymentResult:
         detail = ""
+        await anyio.sleep(self.delay.get(request.kind, 0.0))
         for attempt in range(1, self.attempts + 1):
             try:
                 self._provider(request)

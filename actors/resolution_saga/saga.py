@@ -158,7 +158,7 @@ class ComplaintResolutionSaga(ReadModelOwner):
         manager = options.get("manager")
         self.manager = None if manager is None else str(manager)
         self._domains = frozenset(context.topology.domains.values())
-        self._messages: dict[str, Callable[[Saga, Delivery], Awaitable[list[Timer]]]] = {
+        self._messages: dict[str, Callable[[Saga, Delivery], Awaitable[list[Timer] | None]]] = {
             TIMER_FIRED: self._on_timer,
             PAYMENT_COMPLETED: self._on_payment,
             PAYMENT_FAILED: self._on_payment,
@@ -168,15 +168,15 @@ class ComplaintResolutionSaga(ReadModelOwner):
     # --- entry -----------------------------------------------------------------------------
 
     async def handle(self, delivery: Delivery) -> None:
-        if delivery.exchange in self._domains:
+        if delivery.original_exchange in self._domains:
             record = decode_event(delivery.message_id, delivery.body)
             if record.aggregate_type == "complaint":
                 await self._on_complaint_event(record)
             return
-        react = self._messages.get(delivery.routing_key)
+        react = self._messages.get(delivery.original_routing_key)
         if react is None:
             raise Reject(
-                f"the resolution saga does not handle {delivery.routing_key!r} messages "
+                f"the resolution saga does not handle {delivery.original_routing_key!r} messages "
                 f"(it handles {', '.join(sorted(self._messages))})"
             )
         saga_id = decode_body(delivery, _SagaAddressed).saga_id
@@ -185,7 +185,7 @@ class ComplaintResolutionSaga(ReadModelOwner):
             logger.info(
                 "{kind} for saga {saga_id}, which does not exist: ignored (a message never "
                 "starts a saga)",
-                kind=delivery.routing_key,
+                kind=delivery.original_routing_key,
                 saga_id=saga_id,
             )
             return
@@ -195,7 +195,8 @@ class ComplaintResolutionSaga(ReadModelOwner):
         if await self.read_models.get(NAMESPACE, HANDLED, handled_key) is not None:
             return
         changed = await react(saga, delivery)
-        await self._save(saga, timers=changed, handled=handled_key)
+        if changed is not None:  # None: ignored, nothing to record
+            await self._save(saga, timers=changed, handled=handled_key)
 
     # --- complaint events ------------------------------------------------------------------
 
@@ -373,7 +374,7 @@ class ComplaintResolutionSaga(ReadModelOwner):
 
     # --- saga messages ---------------------------------------------------------------------
 
-    async def _on_timer(self, saga: Saga, delivery: Delivery) -> list[Timer]:
+    async def _on_timer(self, saga: Saga, delivery: Delivery) -> list[Timer] | None:
         fired = decode_body(delivery, TimerFired)
         timer = saga.timer(fired.name)
         if timer is None or timer.status != "armed" or saga.state != "running":
@@ -383,7 +384,7 @@ class ComplaintResolutionSaga(ReadModelOwner):
                 name=fired.name,
                 saga_id=saga.saga_id,
             )
-            return []
+            return None
         timer.status = "fired"
         timer.fired_at = _now()
         reason = f"SLA of the {saga.priority} priority passed ({timestamp(fired.due_at)})"
@@ -395,7 +396,7 @@ class ComplaintResolutionSaga(ReadModelOwner):
         self._count_step("sla-escalation", status)
         return [timer]
 
-    async def _on_payment(self, saga: Saga, delivery: Delivery) -> list[Timer]:
+    async def _on_payment(self, saga: Saga, delivery: Delivery) -> list[Timer] | None:
         result = decode_body(delivery, PaymentResult)
         if saga.state == "compensating" and not result.ok:
             await self._compensate(saga, delivery.message_id)  # resumed after a crash
@@ -406,7 +407,7 @@ class ComplaintResolutionSaga(ReadModelOwner):
                 saga_id=saga.saga_id,
                 state=saga.state,
             )
-            return []
+            return None
         step = next(s for s in reversed(saga.steps) if s.name == "payment")
         step.at = _now()
         step.detail = f"{result.detail or ''} after {result.attempts} attempt(s)".strip()
@@ -423,7 +424,7 @@ class ComplaintResolutionSaga(ReadModelOwner):
         await self._compensate(saga, delivery.message_id)
         return []
 
-    async def _on_retry(self, saga: Saga, delivery: Delivery) -> list[Timer]:
+    async def _on_retry(self, saga: Saga, delivery: Delivery) -> list[Timer] | None:
         decode_body(delivery, RetryRequested)
         if saga.state == "compensating":
             await self._compensate(saga, delivery.message_id)  # resumed after a crash
@@ -434,7 +435,7 @@ class ComplaintResolutionSaga(ReadModelOwner):
                 saga_id=saga.saga_id,
                 state=saga.state,
             )
-            return []
+            return None
         saga.retries += 1
         saga.move("compensating", _now())
         await self._compensate(saga, delivery.message_id)

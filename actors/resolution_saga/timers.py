@@ -26,6 +26,7 @@ from actors.complaints.projections import parse_timestamp, timestamp
 from actors.resolution_saga.messages import SAGA_EXCHANGE, TIMER_FIRED, TimerFired
 from actors.resolution_saga.state import INSTANCES, NAMESPACE, SAGA_TYPE, TIMERS
 from runtime.actor import ActorContext
+from runtime.bus.protocol import X_ORDERING_KEY
 from runtime.errors import BusError, StoreError
 from runtime.messages import X_AGGREGATE_ID, X_AGGREGATE_TYPE, X_EVENT_TYPE
 from runtime.projection import ReadModelOwner
@@ -91,6 +92,7 @@ class SagaTimers(ReadModelOwner):
             message_id=key,
             headers={
                 X_AGGREGATE_ID: fired.saga_id,
+                X_ORDERING_KEY: fired.saga_id,  # with the complaint's events
                 X_AGGREGATE_TYPE: "saga",
                 X_EVENT_TYPE: f"{SAGA_TYPE}.timer.fired",
             },

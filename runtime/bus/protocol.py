@@ -74,6 +74,19 @@ class Delivery(msgspec.Struct, frozen=True):
         return int(value) if isinstance(value, int | float | str) and str(value).isdigit() else 0
 
     @property
+    def original_exchange(self) -> str:
+        """The exchange the message was first published to (a retried copy arrives from the
+        default exchange, with the original kept in ``x-original-exchange``)."""
+        value = self.headers.get(X_ORIGINAL_EXCHANGE)
+        return str(value) if value else self.exchange
+
+    @property
+    def original_routing_key(self) -> str:
+        """The routing key the message was first published with (see ``original_exchange``)."""
+        value = self.headers.get(X_ORIGINAL_ROUTING_KEY)
+        return str(value) if value else self.routing_key
+
+    @property
     def ordering_key(self) -> str:
         key = self.headers.get(X_ORDERING_KEY)
         return str(key) if key else self.message_id

@@ -27,7 +27,12 @@ STARTUP_TIMEOUT = 60.0
 pytestmark = pytest.mark.integration
 
 
-def body(store_id: str = "store-042", **overrides: Any) -> dict[str, Any]:
+#: A store without agents in the default topology: the resolution saga leaves its complaints
+#: alone, so these tests drive every step themselves. (store-042 has agents: see below.)
+MANUAL_STORE = "store-manual"
+
+
+def body(store_id: str = MANUAL_STORE, **overrides: Any) -> dict[str, Any]:
     return {
         "store_id": store_id,
         "customer": {
@@ -111,7 +116,7 @@ def test_the_whole_lifecycle_and_its_history(api: httpx.Client) -> None:
     final = view(api, cid, 0)
     assert final["assignee"] == "agent-7"
     assert final["priority"] == "high"
-    assert final["store_id"] == "store-042"
+    assert final["store_id"] == MANUAL_STORE
     assert final["customer"]["email"] == "ana@example.com"
     assert final["comments"][0]["text"] == "called the customer"
 
@@ -173,6 +178,34 @@ def test_a_retried_command_with_its_idempotency_key_writes_nothing_more(
         assert answer.json()["version"] == 2
     events = api.get(f"/complaints/{cid}/history").json()["events"]
     assert [e["type"] for e in events] == ["ComplaintCreated", "ComplaintAssigned"]
+
+
+def test_a_store_042_complaint_is_assigned_by_the_saga_and_audited(api: httpx.Client) -> None:
+    """The default topology's saga assigns store-042's complaints on its own, shows its
+    state, and the audit trail holds every event of the request."""
+    correlation = f"saga-{uuid.uuid4()}"
+    response = api.post(
+        "/complaints", json=body("store-042"), headers={"X-Correlation-ID": correlation}
+    )
+    assert response.status_code == 201, response.text
+    cid = response.json()["id"]
+    deadline = time.monotonic() + 20
+    while (seen := api.get(f"/complaints/{cid}").json()).get("status") != "assigned":
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.1)
+    assert seen["assignee"] in {"agent-7", "agent-12", "agent-31"}
+    saga = api.get(f"/complaints/{cid}/saga")
+    assert saga.status_code == 200, saga.text
+    assert saga.json()["state"] == "running"
+    assert saga.json()["assignee"] == seen["assignee"]
+    history = {e["event_id"] for e in api.get(f"/complaints/{cid}/history").json()["events"]}
+    while True:
+        trail = api.get("/audit", params={"correlation_id": correlation}).json()["items"]
+        if history <= {item["event_id"] for item in trail}:
+            break
+        assert time.monotonic() < deadline, trail
+        time.sleep(0.1)
+    assert "CreateComplaint.accepted" in {item["type"] for item in trail}
 
 
 def test_bad_input_names_the_field(api: httpx.Client) -> None:
