@@ -26,7 +26,7 @@ import yaml
 
 from tests.support.postgres import create_database
 from tests.support.process import ROOT, clean_env, free_port
-from tests.support.rabbitmq import amqp_url, rabbitmq_vhost  # noqa: F401
+from tests.support.rabbitmq import HOST, PORT, create_vhost
 
 pytestmark = pytest.mark.integration
 
@@ -222,10 +222,9 @@ def until(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
 
 
 @pytest.fixture(scope="module")
-def flow(
-    amqp_url: str,  # noqa: F811 - the fixture imported above
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Flow]:
+def flow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flow]:
+    vhosts = create_vhost()  # its own: nothing left in a queue reaches another module's runtime
+    amqp_url = f"amqp://guest:guest@{HOST}:{PORT}/{next(vhosts)}"
     receiver = Receiver(fail_first=3)
     folder = tmp_path_factory.mktemp("resolution")
     database = create_database()
@@ -241,7 +240,9 @@ def flow(
     finally:
         runtime.kill()
         receiver.server.shutdown()
+        receiver.server.server_close()
         database.close()
+        vhosts.close()
 
 
 # --- the saga -------------------------------------------------------------------------------
@@ -276,8 +277,12 @@ def test_an_unknown_complaint_has_no_saga(flow: Flow) -> None:
     assert response.headers["content-type"].startswith("application/problem+json")
 
 
-def test_a_passed_sla_escalates_the_complaint_once(flow: Flow) -> None:
+def test_a_passed_sla_escalates_the_complaint_once_also_across_a_restart(flow: Flow) -> None:
     complaint = flow.create(priority="low")  # SLA 2 s in this topology
+    until(lambda: flow.saga(complaint)["timers"][0]["status"] == "armed", "the armed timer")
+    flow.runtime.kill()  # the timer lives in PostgreSQL, not in the process
+    time.sleep(2.5)
+    flow.runtime.start()
     saga = until(
         lambda: (
             any(s["name"] == "sla-escalation" for s in flow.saga(complaint)["steps"])
@@ -338,6 +343,20 @@ def test_a_declined_refund_is_compensated_once(flow: Flow) -> None:
     time.sleep(1.0)
     assert flow.history(complaint) == history
     assert flow.saga(complaint)["version"] == saga["version"]
+
+    metrics = flow.get("/metrics").text
+    assert 'saga_executions_total{outcome="compensated",saga="ComplaintResolutionSaga"}' in metrics
+    assert (
+        'saga_compensations_total{outcome="done",saga="ComplaintResolutionSaga",step="reopen-complaint"}'
+        in metrics
+    )
+    assert (
+        'saga_step_executions_total{outcome="failed",saga="ComplaintResolutionSaga",step="payment"}'
+        in metrics
+    )
+    assert "magasin_sagas_active{" in metrics
+    assert 'magasin_audit_entries_total{outcome="recorded"}' in metrics
+    assert 'magasin_notifications_total{channel="hook",outcome="sent"}' in metrics
 
 
 def test_a_refused_compensation_parks_the_saga_until_retried(flow: Flow) -> None:
