@@ -32,6 +32,7 @@ pytestmark = pytest.mark.integration
 
 AGENTS = ["agent-7", "agent-12", "agent-31"]
 WAIT = 30.0
+REFUSED = "refused@example.com"  # the webhook receiver answers 400 for this recipient
 
 
 class Receiver:
@@ -47,6 +48,10 @@ class Receiver:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with receiver.lock:
+                    if body.get("recipient") == REFUSED:
+                        self.send_response(400)
+                        self.end_headers()
+                        return
                     if receiver.fail_first > 0:
                         receiver.fail_first -= 1
                         self.send_response(503)
@@ -86,6 +91,7 @@ def write_test_topology(path: Path, webhook: str) -> Path:
         "backoff": 0.05,
         "delay": {"voucher": 4},  # declined after the 3 s reopen window: reopening is refused
     }
+    actors["notifications"]["retry"] = {"delays": ["100ms"], "max_attempts": 2}
     actors["notifications"]["options"]["channels"] = [
         {"type": "log"},
         {
@@ -159,14 +165,19 @@ class Flow:
     def api(self) -> httpx.Client:
         return httpx.Client(base_url=self.runtime.url, timeout=15)
 
-    def create(self, priority: str = "normal", correlation: str | None = None) -> str:
+    def create(
+        self,
+        priority: str = "normal",
+        correlation: str | None = None,
+        email: str = "ana@example.com",
+    ) -> str:
         headers = {"X-Correlation-ID": correlation} if correlation else {}
         body = {
             "store_id": "store-042",
             "customer": {
                 "id": "c-1",
                 "name": "Ana Silva",
-                "email": "ana@example.com",
+                "email": email,
                 "phone": "+33 6 12 34 56 78",
             },
             "order_id": "o-981",
@@ -444,6 +455,29 @@ def test_each_notification_reaches_the_webhook_once_across_a_sigkill(flow: Flow)
     assert dict(rows) == {"sent": len(expected())}
 
 
+def test_a_notification_the_webhook_refuses_ends_in_the_dead_letter_queue(flow: Flow) -> None:
+    complaint = flow.create(email=REFUSED)
+    topology = str(flow.runtime.topology)
+
+    def parked() -> str | None:
+        listed = flow.runtime.cli("dlq", "list", "notifications", "--topology", topology)
+        return listed.stdout if "NotificationFailedError" in listed.stdout else None
+
+    listing = until(parked, "the dead letter")
+    assert f"notify {REFUSED}" in listing
+    with psycopg.connect(flow.dsn) as conn:
+        row = conn.execute(
+            """SELECT doc->>'status', doc->>'attempts', doc->>'error' FROM read_models
+                WHERE projection = 'notifications' AND doc->>'recipient' = %s
+                  AND doc->>'channel' = 'hook' AND doc->>'complaint_id' = %s""",
+            (REFUSED, complaint),
+        ).fetchone()
+    assert row is not None
+    assert row[:2] == ("failed", "2")  # the first try and the one retry of the ladder
+    assert "HTTP 400" in row[2]
+    assert REFUSED not in {body["recipient"] for _, body in flow.receiver.posts}
+
+
 # --- the audit trail ------------------------------------------------------------------------
 
 
@@ -456,9 +490,17 @@ def test_the_audit_trail_of_one_request(flow: Flow) -> None:
         items: list[dict[str, Any]] = flow.get("/audit", correlation_id=correlation).json()["items"]
         return items
 
+    with flow.api as api:
+        stale = api.post(
+            f"/complaints/{complaint}/escalate",
+            json={"reason": "stale"},
+            headers={"X-Correlation-ID": correlation, "If-Match": "1"},
+        )
+    assert stale.status_code == 409
     items = until(
         lambda: (
             {
+                "EscalateComplaint.rejected",
                 "ComplaintCreated",
                 "ComplaintAssigned",
                 "CreateComplaint.accepted",
