@@ -25,6 +25,9 @@ X_VERSION = "x-version"
 X_EVENT_TYPE = "x-event-type"
 X_SCHEMA_VERSION = "x-schema-version"
 X_POSITION = "x-position"
+#: Headers of the messages actors publish besides relayed events (the audit trail reads them).
+X_USER = "x-user"
+X_OCCURRED_AT = "x-occurred-at"
 
 
 class WireEvent(msgspec.Struct, frozen=True):

@@ -18,13 +18,12 @@ from runtime.messages import (
     X_CAUSATION_ID,
     X_CORRELATION_ID,
     X_EVENT_TYPE,
+    X_OCCURRED_AT,
+    X_USER,
     decode_event,
 )
 from runtime.store.audit import AuditEntry, AuditLog, Kind, open_audit_log, payload_digest
 
-#: Headers of the messages magasin publishes besides relayed events.
-X_USER = "x-user"
-X_OCCURRED_AT = "x-occurred-at"
 #: Command outcomes come from this exchange (published by the gateway).
 COMMAND_OUTCOMES = "audit.events"
 #: Ids derived from a message id that is not a UUID.

@@ -35,7 +35,6 @@ from litestar.types import ASGIApp, ControllerRouterHandler, Message, Receive, S
 from loguru import logger
 
 from actors.audit.api import audit_routes
-from actors.audit.trail import X_OCCURRED_AT, X_USER
 from actors.complaints.domain import CODEC as COMPLAINT_CODEC
 from actors.complaints.domain import (
     AssignComplaint,
@@ -66,7 +65,14 @@ from runtime.actor import ActorContext
 from runtime.commands import CommandReply, CommandRequest, command_id_for, send_command
 from runtime.errors import ActorError, BusError, StoreUnavailableError
 from runtime.http import Gateway, problem, problem_responses
-from runtime.messages import X_AGGREGATE_ID, X_AGGREGATE_TYPE, X_CORRELATION_ID, X_EVENT_TYPE
+from runtime.messages import (
+    X_AGGREGATE_ID,
+    X_AGGREGATE_TYPE,
+    X_CORRELATION_ID,
+    X_EVENT_TYPE,
+    X_OCCURRED_AT,
+    X_USER,
+)
 from runtime.projection import ReadModelOwner
 from runtime.store.audit import AuditLog, open_audit_log
 from runtime.store.protocol import StreamId

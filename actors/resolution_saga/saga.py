@@ -100,6 +100,8 @@ from runtime.messages import (
     X_CAUSATION_ID,
     X_CORRELATION_ID,
     X_EVENT_TYPE,
+    X_OCCURRED_AT,
+    X_USER,
     decode_event,
 )
 from runtime.projection import ReadModelOwner
@@ -108,8 +110,6 @@ from runtime.store.readmodel import ReadModelTx
 from runtime.topology import parse_duration
 
 SAGA_USER: Final = "resolution-saga"
-X_USER = "x-user"
-X_OCCURRED_AT = "x-occurred-at"
 
 
 class SagaConflictError(ActorError):
