@@ -323,6 +323,38 @@ def test_a_resolution_cancels_the_sla_timer(flow: Flow) -> None:
     assert flow.saga(complaint)["state"] == "completed"
 
 
+def test_late_and_strange_saga_messages_change_nothing(flow: Flow) -> None:
+    complaint = flow.create()
+    until(lambda: flow.saga(complaint)["assignee"], "auto-assignment")
+    assert flow.post(complaint, "resolve", {"resolution": "repair"}).status_code == 200
+    done = until(
+        lambda: flow.saga(complaint)["state"] == "completed" and flow.saga(complaint),
+        "completion",
+    )
+    timer = done["timers"][0]
+    # The SLA timer firing after completion (as a slow timer service would send it)...
+    fired = {
+        "saga_id": complaint,
+        "timer_id": timer["timer_id"],
+        "name": "sla",
+        "due_at": timer["due_at"],
+    }
+    publish(flow, "timer.fired", fired, message_id=timer["timer_id"])
+    # ... and messages naming sagas that do not exist: none starts one.
+    stranger = str(uuid.uuid4())
+    publish(flow, "timer.fired", {**fired, "saga_id": stranger}, message_id=str(uuid.uuid4()))
+    publish(
+        flow,
+        "payment.failed",
+        {"request_id": "r", "saga_id": stranger, "ok": False, "attempts": 1},
+        message_id=str(uuid.uuid4()),
+    )
+    time.sleep(1.5)
+    assert flow.saga(complaint) == done
+    assert "ComplaintEscalated" not in flow.history(complaint)
+    assert flow.get(f"/complaints/{stranger}/saga").status_code == 404
+
+
 def test_a_declined_refund_is_compensated_once(flow: Flow) -> None:
     complaint = flow.create()
     until(lambda: flow.saga(complaint)["assignee"], "auto-assignment")
