@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -46,6 +47,8 @@ S = TypeVar("S")
 COMMAND_ID_NAMESPACE = uuid.UUID("6f1b7f5e-4f7a-4a65-9c55-0e5b8c1f3a10")
 #: Decisions tried again after a concurrent writer moved the stream (no expected version).
 CONFLICT_RETRIES = 5
+#: Message ids an aggregate instance remembers having started (see ``_first_run``).
+SEEN_DELIVERIES = 10_000
 
 PROBLEM_BASE = "urn:magasin:problem:"
 
@@ -60,6 +63,9 @@ class CommandRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     causation_id: str | None = None
     user: str | None = None
     expected_version: int | None = None
+    #: The sender made ``command_id`` up for this send (no idempotency key): a first delivery
+    #: of it cannot have run before, so the aggregate skips the command-result lookup.
+    new_id: bool = False
 
 
 class CommandError(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -135,6 +141,9 @@ class AggregateHandler(Generic[C, E, S]):
             snapshot_every=None if snapshot_every in (None, 0) else int(snapshot_every),
         )
         self._decode_command: Callable[[bytes], C] = msgspec.json.Decoder(self.command_type).decode
+        #: Deliveries this instance began handling: a second call for one (an in-place retry
+        #: after an outage) may follow a first that appended, so it looks the command up.
+        self._started: OrderedDict[str, None] = OrderedDict()
 
     def make_decider(self, options: dict[str, Any]) -> Decider[C, E, S]:
         raise NotImplementedError
@@ -153,7 +162,7 @@ class AggregateHandler(Generic[C, E, S]):
         try:
             command = self._decode_command(request.command)
             name = self.command_name(command)
-            reply = await self._execute(request, command)
+            reply = await self._execute(request, command, first=self._first_run(delivery))
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             reply = self._refused(request, _invalid(str(exc)))
         except MagasinError as exc:
@@ -176,7 +185,16 @@ class AggregateHandler(Generic[C, E, S]):
         )
         return CommandReply(aggregate_id=request.aggregate_id, error=error)
 
-    async def _execute(self, request: CommandRequest, command: C) -> CommandReply:
+    def _first_run(self, delivery: Delivery) -> bool:
+        """True when this delivery has surely not been handled before, anywhere: not a
+        redelivery, not a retry, not seen by this instance."""
+        seen = delivery.message_id in self._started
+        self._started[delivery.message_id] = None
+        if len(self._started) > SEEN_DELIVERIES:
+            self._started.popitem(last=False)
+        return not (seen or delivery.redelivered or delivery.attempts)
+
+    async def _execute(self, request: CommandRequest, command: C, *, first: bool) -> CommandReply:
         metadata = Metadata(
             correlation_id=request.correlation_id,
             causation_id=request.causation_id or str(request.command_id),
@@ -190,6 +208,7 @@ class AggregateHandler(Generic[C, E, S]):
                     command,
                     metadata,
                     expected_version=request.expected_version,
+                    new_command=request.new_id and first and attempt == 1,
                 )
             except ConcurrencyError as exc:
                 if request.expected_version is not None or attempt == CONFLICT_RETRIES:

@@ -355,6 +355,7 @@ class ComplaintApi:
             correlation_id=correlation,
             user=headers.get("x-user") or None,
             expected_version=expected,
+            new_id=not headers.get("idempotency-key"),
         )
         try:
             reply = await send_command(

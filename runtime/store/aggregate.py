@@ -113,6 +113,7 @@ class AggregateRepository(Generic[C, E, S]):
         metadata: Metadata | None = None,
         *,
         expected_version: int | None = None,
+        new_command: bool = False,
     ) -> Decision[E]:
         """Load, decide, append at the loaded version. Raises ``ConcurrencyError`` if the
         stream moved on in between (the caller may reload and retry), or if
@@ -120,9 +121,11 @@ class AggregateRepository(Generic[C, E, S]):
 
         A command whose ``metadata.command_id`` was already executed is answered from its
         first result (no events, ``result.replayed``) without deciding again: deciding on
-        today's state could refuse what was accepted the first time.
+        today's state could refuse what was accepted the first time. ``new_command`` says the
+        caller knows the command id has never been executed, which saves that lookup (the
+        append still refuses to run a command id twice).
         """
-        if metadata is not None and metadata.command_id is not None:
+        if metadata is not None and metadata.command_id is not None and not new_command:
             first = await self.store.command_result(metadata.command_id)
             if first is not None:
                 return Decision((), first, first.last_version)
