@@ -24,9 +24,9 @@ import psycopg
 import pytest
 import yaml
 
-from tests.support.postgres import create_database
+from tests.support.postgres import create_database, terminate_backends
 from tests.support.process import ROOT, clean_env, free_port
-from tests.support.rabbitmq import HOST, PORT, create_vhost
+from tests.support.rabbitmq import HOST, PORT, close_connections, create_vhost
 
 pytestmark = pytest.mark.integration
 
@@ -156,10 +156,11 @@ class Runtime:
 
 
 class Flow:
-    def __init__(self, runtime: Runtime, receiver: Receiver, dsn: str) -> None:
+    def __init__(self, runtime: Runtime, receiver: Receiver, dsn: str, vhost: str) -> None:
         self.runtime = runtime
         self.receiver = receiver
         self.dsn = dsn
+        self.vhost = vhost
 
     @property
     def api(self) -> httpx.Client:
@@ -189,6 +190,16 @@ class Flow:
             response = api.post("/complaints", json=body, headers=headers)
         assert response.status_code == 201, response.text
         return str(response.json()["id"])
+
+    def create_when_ready(self) -> str:
+        """``create``, once the runtime answers again after a fault (503 until then)."""
+        return str(until(self._try_create, "a create accepted", 60))
+
+    def _try_create(self) -> str | None:
+        try:
+            return self.create()
+        except AssertionError:
+            return None
 
     def post(self, complaint_id: str, step: str, body: dict[str, Any]) -> httpx.Response:
         with self.api as api:
@@ -235,7 +246,8 @@ def until(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flow]:
     vhosts = create_vhost()  # its own: nothing left in a queue reaches another module's runtime
-    amqp_url = f"amqp://guest:guest@{HOST}:{PORT}/{next(vhosts)}"
+    vhost = next(vhosts)
+    amqp_url = f"amqp://guest:guest@{HOST}:{PORT}/{vhost}"
     receiver = Receiver(fail_first=3)
     folder = tmp_path_factory.mktemp("resolution")
     database = create_database()
@@ -247,7 +259,7 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flow]:
     )
     try:
         runtime.start()
-        yield Flow(runtime, receiver, dsn)
+        yield Flow(runtime, receiver, dsn, vhost)
     finally:
         runtime.kill()
         receiver.server.shutdown()
@@ -443,6 +455,29 @@ def test_a_refused_compensation_parks_the_saga_until_retried(flow: Flow) -> None
     refused = flow.runtime.cli("saga", "retry", completed, "--topology", str(flow.runtime.topology))
     assert refused.returncode == 1
     assert "not compensation_failed" in refused.stderr
+
+
+def test_sagas_finish_across_dropped_broker_and_database_connections(flow: Flow) -> None:
+    first = [flow.create() for _ in range(4)]
+    close_connections(flow.vhost)  # what a broker restart looks like to the runtime
+    assert terminate_backends(flow.dsn) >= 1  # and a database failover
+    second = [flow.create_when_ready() for _ in range(4)]
+    for complaint in first + second:
+        until(lambda c=complaint: flow.saga(c)["assignee"], f"the saga of {complaint}", 60)
+        until(
+            lambda c=complaint: (
+                flow.post(c, "resolve", {"resolution": "repair"}).status_code in {200, 409}
+            ),
+            "the resolution",
+        )
+    for complaint in first + second:
+        saga = until(
+            lambda c=complaint: flow.saga(c)["state"] == "completed" and flow.saga(c),
+            "completion",
+            60,
+        )
+        assert [s["name"] for s in saga["steps"]][:3] == ["assign", "notify-customer", "arm-sla"]
+        assert flow.history(complaint).count("ComplaintAssigned") == 1
 
 
 # --- notifications --------------------------------------------------------------------------
