@@ -5,6 +5,8 @@ default topology (every actor of it) in a subprocess, on a throw-away database a
 virtual host ``magasin_bench_<random>`` (both removed at the end), then drives it with
 ``--clients`` concurrent HTTP clients (httpx, keep-alive), each looping over one complaint's
 create → assign → resolve for ``--seconds``, after ``--warmup`` unmeasured seconds.
+``--processes N`` starts N runtimes on the same database and vhost (competing consumers, one
+relay leading), each with its own gateway, and spreads the clients over them.
 
 Figures: commands/s (each is one HTTP request, one aggregate decision, one event appended),
 p50/p95/p99 command latency, the time until the complaint list shows the resolution (a GET
@@ -107,13 +109,17 @@ async def client(http: httpx.AsyncClient, until: float, run: Run | None) -> None
                     run.error(f"visible {seen.status_code}")
 
 
-async def drive(url: str, clients: int, seconds: float, run: Run | None) -> float:
+async def drive(urls: Sequence[str], clients: int, seconds: float, run: Run | None) -> float:
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
+    https = [httpx.AsyncClient(base_url=url, timeout=30, limits=limits) for url in urls]
+    try:
         started = time.perf_counter()
         until = started + seconds
-        await asyncio.gather(*(client(http, until, run) for _ in range(clients)))
+        await asyncio.gather(*(client(https[n % len(https)], until, run) for n in range(clients)))
         return time.perf_counter() - started
+    finally:
+        for http in https:
+            await http.aclose()
 
 
 async def raw_appends(dsn: str, complaints: int) -> float:
@@ -139,7 +145,7 @@ def start(dsn: str, amqp_url: str, port: int, log: Path) -> subprocess.Popen[byt
         "MAGASIN_HTTP_PORT": str(port),
         "MAGASIN_LOG_LEVEL": "WARNING",
     }
-    with log.open("wb") as sink:
+    with log.open("ab") as sink:
         return subprocess.Popen(
             [sys.executable, "-m", "runtime.cli", "run", "topology.yaml"],
             cwd=ROOT,
@@ -168,21 +174,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--processes", type=int, default=1, help="runtimes sharing the queues")
     parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args(argv)
     database = Database(args.admin_url)
     vhost = Vhost(AMQP_BASE, database.name)
     dsn = database.create()
-    log = Path(f"/tmp/{database.name}.log")
-    process = None
+    log = Path(f"/tmp/{database.name}.log")  # every runtime appends to it
+    processes: list[subprocess.Popen[bytes]] = []
+    urls: list[str] = []
     try:
         amqp_url = vhost.create()
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        process = start(dsn, amqp_url, port, log)
-        wait_ready(url, process, log)
+        for _ in range(args.processes):
+            port = free_port()
+            urls.append(f"http://127.0.0.1:{port}")
+            processes.append(start(dsn, amqp_url, port, log))
+            wait_ready(urls[-1], processes[-1], log)
         progress(f"warm-up {args.warmup:g} s")
-        asyncio.run(drive(url, args.clients, args.warmup, None))
+        asyncio.run(drive(urls, args.clients, args.warmup, None))
         progress(f"measuring {args.seconds:g} s with {args.clients} clients")
         run = Run()
         rss: list[float] = []
@@ -190,12 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         async def measured() -> float:
             async def sample() -> None:
                 while True:
-                    rss.append(rss_mib(process.pid))
+                    rss.append(sum(rss_mib(p.pid) for p in processes))
                     await asyncio.sleep(0.5)
 
             sampler = asyncio.ensure_future(sample())
             try:
-                return await drive(url, args.clients, args.seconds, run)
+                return await drive(urls, args.clients, args.seconds, run)
             finally:
                 sampler.cancel()
 
@@ -203,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress("raw limit: the same appends straight to PostgreSQL")
         raw = asyncio.run(raw_appends(dsn, max(64, run.commands // 3)))
     finally:
-        if process is not None:
+        for process in processes:
             process.kill()
             process.wait(timeout=10)
         vhost.delete()
@@ -218,10 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for q in (0.5, 0.95, 0.99):
         label = f"resolved visible in the list, p{int(q * 100)} ms"
         print(f"{label:<52}{percentile(run.visible, q):>12.1f}")
-    print(f"{'runtime RSS, max MiB':<52}{max(rss, default=float('nan')):>12.0f}")
+    print(f"{'runtime RSS (all processes), max MiB':<52}{max(rss, default=float('nan')):>12.0f}")
     print(f"{'raw limit: decide + append from one process, ev/s':<52}{raw:>12,.0f}")
     print("-" * 64)
-    print(f"errors: {run.errors or 'none'}; {args.clients} clients, {args.seconds:g} s measured")
+    print(
+        f"errors: {run.errors or 'none'}; {args.clients} clients, {args.seconds:g} s measured, "
+        f"{args.processes} runtime process(es)"
+    )
     print(f"load average at the end {load_average()}; runtime log {log} (kept on error only)")
     if not run.errors:
         log.unlink(missing_ok=True)
