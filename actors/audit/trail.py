@@ -23,6 +23,7 @@ from runtime.messages import (
     decode_event,
 )
 from runtime.store.audit import AuditEntry, AuditLog, Kind, open_audit_log, payload_digest
+from runtime.store.protocol import as_utc
 
 #: Command outcomes come from this exchange (published by the gateway).
 COMMAND_OUTCOMES = "audit.events"
@@ -41,7 +42,7 @@ def entry_of_delivery(delivery: Delivery, domains: frozenset[str]) -> AuditEntry
             event_id=record.event_id,
             kind="event",
             event_type=record.event_type,
-            occurred_at=meta.occurred_at or record.created_at,
+            occurred_at=as_utc(meta.occurred_at or record.created_at),
             payload_digest=payload_digest(record.data),
             aggregate_type=record.aggregate_type,
             aggregate_id=record.aggregate_id,

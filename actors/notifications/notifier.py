@@ -144,8 +144,20 @@ class WebhookChannel:
     timeout: float = 5.0
     retries: int = 3
     backoff: float = 0.5
+    #: All tries of one send together, kept below the actor's handler timeout (30 s by
+    #: default), so that a slow receiver fails the message instead of crashing the actor.
+    budget: float = 20.0
 
     async def send(self, notification: Notification) -> None:
+        try:
+            with anyio.fail_after(self.budget):
+                await self._send(notification)
+        except TimeoutError as exc:
+            raise NotificationFailedError(
+                self.name, notification.recipient, f"no success within {self.budget:g}s"
+            ) from exc
+
+    async def _send(self, notification: Notification) -> None:
         reason = ""
         async with httpx.AsyncClient(timeout=self.timeout) as client:
             for attempt in range(self.retries + 1):
@@ -197,6 +209,7 @@ def make_channels(specs: object, actor: str) -> list[Channel]:
                     timeout=parse_duration(spec.get("timeout", 5)),
                     retries=int(spec.get("retries", 3)),
                     backoff=parse_duration(spec.get("backoff", 0.5)),
+                    budget=parse_duration(spec.get("budget", 20)),
                 )
             )
         else:

@@ -63,15 +63,20 @@ class Payments(ReadModelOwner):
         if recorded is not None:
             result = msgspec.convert(recorded, PaymentResult)
         else:
-            result = await self._pay(request)
+            paid = await self._pay(request)
 
-            async def record(tx: ReadModelTx) -> None:
-                if await tx.get(REQUESTS, request.request_id, for_update=True) is None:
-                    document = msgspec.to_builtins(result)
-                    document["at"] = timestamp(datetime.now(UTC))
-                    await tx.put(REQUESTS, request.request_id, document)
+            async def record(tx: ReadModelTx) -> PaymentResult:
+                """The first result recorded for the request wins (a concurrent copy of it
+                may have paid and recorded first): it is the one answered."""
+                first = await tx.get(REQUESTS, request.request_id, for_update=True)
+                if first is not None:
+                    return msgspec.convert(first, PaymentResult)
+                document = msgspec.to_builtins(paid)
+                document["at"] = timestamp(datetime.now(UTC))
+                await tx.put(REQUESTS, request.request_id, document)
+                return paid
 
-            await self.read_models.run(NAMESPACE, record)
+            result = await self.read_models.run(NAMESPACE, record)
         await self.context.bus.publish(
             SAGA_EXCHANGE,
             PAYMENT_COMPLETED if result.ok else PAYMENT_FAILED,

@@ -93,7 +93,14 @@ from actors.resolution_saga.state import (
 from runtime.actor import ActorContext, decode_body
 from runtime.bus.protocol import Delivery, HeaderValue
 from runtime.commands import CommandReply, CommandRequest, send_command
-from runtime.errors import ActorError, ConfigurationError, Reject, Retry
+from runtime.errors import (
+    ActorError,
+    BusUnavailableError,
+    ConfigurationError,
+    Reject,
+    RequestTimeoutError,
+    Retry,
+)
 from runtime.messages import (
     X_AGGREGATE_ID,
     X_AGGREGATE_TYPE,
@@ -105,7 +112,7 @@ from runtime.messages import (
     decode_event,
 )
 from runtime.projection import ReadModelOwner
-from runtime.store.protocol import RecordedEvent
+from runtime.store.protocol import RecordedEvent, as_utc
 from runtime.store.readmodel import ReadModelTx
 from runtime.topology import parse_duration
 
@@ -118,9 +125,11 @@ class SagaConflictError(ActorError):
 
 
 def timer_document(timer: Timer) -> dict[str, Any]:
-    """A timer as the timer service queries it: ``due_at`` as text in time order."""
+    """A timer as the timer service queries it: ``due_at`` as text in time order, and
+    ``send_at`` (when to send it next; the service moves it on after each send) starting at
+    the deadline."""
     document: dict[str, Any] = msgspec.to_builtins(timer)
-    document["due_at"] = timestamp(timer.due_at)
+    document["due_at"] = document["send_at"] = timestamp(timer.due_at)
     return document
 
 
@@ -223,7 +232,7 @@ class ComplaintResolutionSaga(ReadModelOwner):
         """A complaint seen first through a later event (its creation was overtaken, or it
         was created before this saga ran): taken on only if created recently, so that
         enabling the saga does not replay the payments of old resolutions."""
-        created = missing[0].created_at if missing else record.created_at
+        created = as_utc(missing[0].created_at if missing else record.created_at)
         recent = _now() - created <= timedelta(seconds=self.start_window)
         if not recent:
             logger.debug(
@@ -377,14 +386,16 @@ class ComplaintResolutionSaga(ReadModelOwner):
     async def _on_timer(self, saga: Saga, delivery: Delivery) -> list[Timer] | None:
         fired = decode_body(delivery, TimerFired)
         timer = saga.timer(fired.name)
-        if timer is None or timer.status != "armed" or saga.state != "running":
+        if timer is None or timer.status != "armed":
             logger.info(
-                "timer {name} of saga {saga_id} fired after it was cancelled or the saga moved "
-                "on: ignored",
+                "timer {name} of saga {saga_id} fired after it was settled: ignored",
                 name=fired.name,
                 saga_id=saga.saga_id,
             )
             return None
+        if saga.state != "running":
+            timer.status = "cancelled"  # the saga moved on: the deadline no longer applies
+            return [timer]  # so that the timer service stops sending it
         timer.status = "fired"
         timer.fired_at = _now()
         reason = f"SLA of the {saga.priority} priority passed ({timestamp(fired.due_at)})"
@@ -401,6 +412,10 @@ class ComplaintResolutionSaga(ReadModelOwner):
         if saga.state == "compensating" and not result.ok:
             await self._compensate(saga, delivery.message_id)  # resumed after a crash
             return []
+        if saga.state == "running":
+            # The answer overtook the commit of the request (another worker or process is
+            # still saving it): hand it back rather than lose it.
+            raise Retry(f"saga {saga.saga_id} has not recorded its payment request yet")
         if saga.state != "awaiting_payment":
             logger.info(
                 "payment result for saga {saga_id} in state {state}: ignored",
@@ -526,9 +541,14 @@ class ComplaintResolutionSaga(ReadModelOwner):
             user=SAGA_USER,
             expected_version=expected_version,
         )
-        return await send_command(
-            self.context.bus, COMMAND_QUEUE, request, timeout=self.command_timeout
-        )
+        try:
+            return await send_command(
+                self.context.bus, COMMAND_QUEUE, request, timeout=self.command_timeout
+            )
+        except RequestTimeoutError as exc:
+            # The aggregate actor is down or backing off: hold the message and try again in
+            # place (the command id makes that safe) instead of burning retry rungs.
+            raise BusUnavailableError(COMMAND_QUEUE, exc) from exc
 
     async def _notify(
         self,

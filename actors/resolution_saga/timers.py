@@ -2,19 +2,21 @@
 
 Timers are documents in PostgreSQL (namespace ``sagas``, collection ``timers``), written by
 the saga in the transaction that saves it, so they survive restarts. Every ``poll_interval``
-this service reads the armed timers whose deadline passed, publishes ``timer.fired`` to
-``saga.events`` for each (message id = the timer id, publisher-confirmed), then marks the
-timer fired. A crash between the two publishes it again under the same id, which the saga
-has recorded as handled: a timer fires once. With several runtime processes each polls; the
-same deduplication makes that harmless.
+this service reads the armed timers whose ``send_at`` passed (the deadline at first),
+publishes ``timer.fired`` to ``saga.events`` for each (message id = the timer id,
+publisher-confirmed), then moves ``send_at`` on by ``resend_after``. Only the saga settles a
+timer (fired or cancelled, in the transaction that acts on it), so a message lost on the way
+(dead-lettered after its retries, say) is sent again; the saga has recorded the timer's id as
+handled, so the copies change nothing: a timer fires once. With several runtime processes
+each polls; the same deduplication makes that harmless.
 
 It also sets the ``magasin_sagas_active`` gauge. Options: ``poll_interval`` (seconds,
-default 1), ``schema``.
+default 1), ``resend_after`` (seconds, default 60), ``schema``.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -31,6 +33,7 @@ from runtime.errors import BusError, StoreError
 from runtime.messages import X_AGGREGATE_ID, X_AGGREGATE_TYPE, X_EVENT_TYPE
 from runtime.projection import ReadModelOwner
 from runtime.store.readmodel import ReadModelTx
+from runtime.topology import parse_duration
 
 PAGE = 100
 GAUGE_EVERY = 10  # polls between two counts of the active sagas
@@ -39,7 +42,8 @@ GAUGE_EVERY = 10  # polls between two counts of the active sagas
 class SagaTimers(ReadModelOwner):
     def __init__(self, context: ActorContext) -> None:
         self.context = context
-        self.poll_interval = float(context.options.get("poll_interval", 1.0))
+        self.poll_interval = parse_duration(context.options.get("poll_interval", 1.0))
+        self.resend_after = parse_duration(context.options.get("resend_after", 60.0))
         self._stop = anyio.Event()
 
     def _pool_size(self) -> int:
@@ -71,7 +75,7 @@ class SagaTimers(ReadModelOwner):
             NAMESPACE,
             TIMERS,
             equals={"status": "armed"},
-            ranges={"due_at": (None, now)},
+            ranges={"send_at": (None, now)},
             limit=PAGE,
         )
         for key, document in due:
@@ -98,14 +102,15 @@ class SagaTimers(ReadModelOwner):
             },
         )
 
-        async def mark(tx: ReadModelTx) -> None:
+        async def postpone(tx: ReadModelTx) -> None:
             current = await tx.get(TIMERS, key, for_update=True)
             if current is not None and current.get("status") == "armed":
-                current["status"] = "fired"
-                current["fired_at"] = timestamp(datetime.now(UTC))
+                later = datetime.now(UTC) + timedelta(seconds=self.resend_after)
+                current["send_at"] = timestamp(later)
+                current["sent"] = int(current.get("sent", 0)) + 1
                 await tx.put(TIMERS, key, current)
 
-        await self.read_models.run(NAMESPACE, mark)
+        await self.read_models.run(NAMESPACE, postpone)
         logger.info("timer {name} of saga {saga_id} fired", name=fired.name, saga_id=fired.saga_id)
 
     async def count_active(self) -> int:

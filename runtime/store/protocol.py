@@ -31,6 +31,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` as an aware UTC time (the store's ``created_at`` is naive UTC)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 class StreamId(msgspec.Struct, frozen=True):
     """Identifies one aggregate's history. ``aggregate_id`` is unique across types."""
 

@@ -4,6 +4,7 @@ HTTP server."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -117,3 +118,14 @@ def test_channels_default_to_the_log() -> None:
 def test_bad_channels_are_named(specs: object, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         make_channels(specs, "notifications")
+
+
+async def test_a_webhook_that_never_answers_fails_within_its_budget() -> None:
+    with socket.socket() as silent:  # accepts connections (backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/hook"
+        channel = WebhookChannel("hook", url, timeout=10, retries=3, backoff=0, budget=0.3)
+        # The budget, not the 10 s per try, ends it:
+        with pytest.raises(NotificationFailedError, match=r"no success within 0\.3s"):
+            await channel.send(NOTE)
