@@ -54,6 +54,14 @@ def _topology(path: str) -> Topology:
     return topology
 
 
+def _schema(topology: Topology) -> str:
+    """The read-model schema of the topology's resolution saga (its ``schema`` option)."""
+    for spec in topology.actors.values():
+        if spec.kind == "saga" and (spec.handler or "").endswith(":ComplaintResolutionSaga"):
+            return str(spec.options.get("schema", "public"))
+    return "public"
+
+
 def _run(fn: Any, *args: Any) -> Any:
     try:
         return anyio.run(fn, *args)
@@ -76,7 +84,7 @@ def saga_list(topology_path: str, state: str | None, limit: int) -> None:
     topology = _topology(topology_path)
 
     async def go() -> list[tuple[str, dict[str, Any]]]:
-        async with open_read_model_store(topology.database_url) as store:
+        async with open_read_model_store(topology.database_url, schema=_schema(topology)) as store:
             return await store.find(
                 NAMESPACE, INSTANCES, equals={"state": state} if state else None, limit=limit
             )
@@ -93,7 +101,7 @@ def saga_show(complaint_id: str, topology_path: str) -> None:
     topology = _topology(topology_path)
 
     async def go() -> Any:
-        async with open_read_model_store(topology.database_url) as store:
+        async with open_read_model_store(topology.database_url, schema=_schema(topology)) as store:
             return await load_saga(store, complaint_id)
 
     found = _run(go)
@@ -114,7 +122,7 @@ def saga_retry(complaint_id: str, topology_path: str) -> None:
         sys.exit(2)
 
     async def go() -> str | None:
-        async with open_read_model_store(topology.database_url) as store:
+        async with open_read_model_store(topology.database_url, schema=_schema(topology)) as store:
             found = await load_saga(store, complaint_id)
         if found is None:
             return None
