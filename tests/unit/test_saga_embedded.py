@@ -24,7 +24,7 @@ from actors.resolution_saga.state import INSTANCES, NAMESPACE, TIMERS, Timer
 from runtime.actor import ActorContext
 from runtime.bus.memory import MemoryBus
 from runtime.bus.protocol import Delivery
-from runtime.errors import Retry
+from runtime.errors import MessageDecodeError, Reject, Retry
 from runtime.messages import encode_event, event_headers, routing_key
 from runtime.observability.metrics import Metrics
 from runtime.store.aggregate import AggregateRepository
@@ -178,3 +178,29 @@ async def test_a_due_timer_is_sent_again_until_the_saga_settles_it(
         async with timers.read_models.transaction(NAMESPACE) as tx:
             await tx.put(TIMERS, due.timer_id, {**document, "status": "fired"})
         assert await timers.fire_due() == 0
+
+
+@pytest.mark.parametrize(
+    ("routing_key", "body", "error"),
+    [
+        ("payment.refunded", b"{}", Reject),  # not a message the saga handles
+        ("payment.completed", b"not json", MessageDecodeError),  # undecodable
+    ],
+)
+async def test_a_message_the_saga_cannot_handle_goes_to_the_dead_letter_queue(
+    saga: ComplaintResolutionSaga, routing_key: str, body: bytes, error: type[Exception]
+) -> None:
+    """Reject and MessageDecodeError are what the runtime dead-letters at once."""
+    with pytest.raises(error):
+        await saga.handle(
+            Delivery(
+                queue="saga.orchestration",
+                message_id="m-1",
+                body=body,
+                headers={},
+                exchange="saga.events",
+                routing_key=routing_key,
+                redelivered=False,
+                delivery_tag=3,
+            )
+        )
