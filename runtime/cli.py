@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import anyio
 import click
 
+from runtime.cli_support import importable_cwd, load_or_exit, run_or_exit
 from runtime.errors import MagasinError
 from runtime.observability.logging import configure_logging
 
@@ -20,19 +21,10 @@ if TYPE_CHECKING:
     import httpx
 
     from runtime.bus.protocol import Bus
-    from runtime.topology import Topology
 
 _T = TypeVar("_T")
 
 DATABASE_URL_ENV = "MAGASIN_DATABASE_URL"
-
-
-def _run_async(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-    try:
-        return anyio.run(fn, *args)
-    except MagasinError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
 
 
 @click.group()
@@ -47,12 +39,6 @@ def _run_async(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
 def main(log_level: str, log_format: str) -> None:
     """magasin: an actor runtime for an event-sourced complaint-handling backend."""
     configure_logging(log_level, log_format)
-
-
-def _importable_cwd() -> None:
-    """Handlers are dotted paths from where magasin runs, as with ``python -m``."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
 
 
 @main.group()
@@ -93,7 +79,7 @@ def db_migrate(database_url: str | None, schema: str) -> None:
             + (f"; applied {', '.join(applied)}" if applied else "; nothing to apply")
         )
 
-    _run_async(go)
+    run_or_exit(go)
 
 
 @main.command("replay")
@@ -110,8 +96,8 @@ def db_migrate(database_url: str | None, schema: str) -> None:
 def replay_command(projection: str, topology_path: str, batch_size: int) -> None:
     """Rebuild PROJECTION (an actor of the topology) from the event store into a shadow copy
     while the live one keeps serving, then swap them atomically."""
-    _importable_cwd()
-    topology = _load_or_exit(topology_path, check_handlers=True)
+    importable_cwd()
+    topology = load_or_exit(topology_path, check_handlers=True)
     url = topology.database_url
     if not url or url.startswith("memory://"):
         click.echo(
@@ -159,7 +145,7 @@ def replay_command(projection: str, topology_path: str, batch_size: int) -> None
             f"({report.events_per_second:,.0f} events/s); swapped in"
         )
 
-    _run_async(go)
+    run_or_exit(go)
 
 
 @main.command("run")
@@ -171,13 +157,13 @@ def run(topology: str) -> None:
     from runtime.app import serve  # noqa: PLC0415
     from runtime.topology import load_topology  # noqa: PLC0415
 
-    _importable_cwd()
+    importable_cwd()
     try:
         loaded = load_topology(topology)
     except MagasinError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    sys.exit(_run_async(serve, Path(topology), loaded))
+    sys.exit(run_or_exit(serve, Path(topology), loaded))
 
 
 @main.command("check")
@@ -187,7 +173,7 @@ def check(topology: str) -> None:
     from runtime.errors import TopologyError  # noqa: PLC0415
     from runtime.topology import load_topology  # noqa: PLC0415
 
-    _importable_cwd()
+    importable_cwd()
     try:
         plan = load_topology(topology).plan_text()
     except TopologyError as exc:
@@ -448,21 +434,10 @@ def chaos(
 # --- dead-letter queues ----------------------------------------------------------------------
 
 
-def _load_or_exit(path: str, *, check_handlers: bool) -> Topology:
-    """The topology at ``path``, or its error on stderr and exit 2."""
-    from runtime.topology import load_topology  # noqa: PLC0415
-
-    try:
-        return load_topology(path, check_handlers=check_handlers)
-    except MagasinError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-
-
 def _dead_letter_url(topology_path: str, queue: str) -> str:
     """The broker URL of the topology (MAGASIN_AMQP_URL overrides); exits 2 when it is the
     embedded bus, whose dead letters die with the process that holds them."""
-    topology = _load_or_exit(topology_path, check_handlers=False)
+    topology = load_or_exit(topology_path, check_handlers=False)
     url = topology.amqp_url
     if not url or url.startswith("memory://"):
         click.echo(
@@ -495,7 +470,7 @@ def _bus_call(topology_path: str, queue: str, call: Callable[[Bus], Awaitable[_T
         finally:
             await bus.close()
 
-    result: _T = _run_async(go)
+    result: _T = run_or_exit(go)
     return result
 
 
@@ -650,7 +625,7 @@ def audit_verify(database_url: str | None, schema: str, sample: int, wait: float
             click.echo(f"chain: intact ({result.records} records)")
         return result.ok
 
-    sys.exit(0 if _run_async(go) else 1)
+    sys.exit(0 if run_or_exit(go) else 1)
 
 
 @audit.command("export")
@@ -709,9 +684,9 @@ def audit_export(
 
     if output:
         with open(output, "wb") as sink:
-            written = _run_async(go, sink)
+            written = run_or_exit(go, sink)
     else:
-        written = _run_async(go, sys.stdout.buffer)
+        written = run_or_exit(go, sys.stdout.buffer)
     if output:
         click.echo(f"{written} records written to {output}", err=True)
 

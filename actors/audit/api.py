@@ -44,20 +44,11 @@ class AuditPage(msgspec.Struct, frozen=True):
 
 
 def item(record: AuditRecord) -> AuditItem:
+    fields = msgspec.structs.asdict(record)
     return AuditItem(
-        seq=record.seq,
+        **{n: fields[n] for n in AuditItem.__struct_fields__ if n in fields and n != "event_id"},
         event_id=str(record.event_id),
-        kind=record.kind,
         type=record.event_type,
-        aggregate_type=record.aggregate_type,
-        aggregate_id=record.aggregate_id,
-        correlation_id=record.correlation_id,
-        causation_id=record.causation_id,
-        user=record.user,
-        occurred_at=record.occurred_at,
-        recorded_at=record.recorded_at,
-        payload_digest=record.payload_digest,
-        hash=record.hash,
     )
 
 

@@ -13,7 +13,6 @@ import sys
 import uuid
 from typing import Any
 
-import anyio
 import click
 import msgspec
 
@@ -21,10 +20,10 @@ from actors.resolution_saga.api import load_saga
 from actors.resolution_saga.messages import RETRY_REQUESTED, SAGA_EXCHANGE, RetryRequested
 from actors.resolution_saga.state import INSTANCES, NAMESPACE, SAGA_TYPE
 from runtime.bus.protocol import X_ORDERING_KEY
-from runtime.errors import MagasinError
+from runtime.cli_support import importable_cwd, load_or_exit, run_or_exit
 from runtime.messages import X_AGGREGATE_ID, X_AGGREGATE_TYPE, X_EVENT_TYPE
 from runtime.store.readmodel import open_read_model_store
-from runtime.topology import Topology, load_topology
+from runtime.topology import Topology
 
 _topology_option = click.option(
     "--topology",
@@ -37,13 +36,8 @@ _topology_option = click.option(
 
 
 def _topology(path: str) -> Topology:
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        topology = load_topology(path, check_handlers=False)
-    except MagasinError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    importable_cwd()
+    topology = load_or_exit(path, check_handlers=False)
     if topology.database_url.startswith("memory://") or not topology.database_url:
         click.echo(
             "error: the topology runs the embedded store (memory://), whose sagas live in the "
@@ -60,14 +54,6 @@ def _schema(topology: Topology) -> str:
         if spec.kind == "saga" and (spec.handler or "").endswith(":ComplaintResolutionSaga"):
             return str(spec.options.get("schema", "public"))
     return "public"
-
-
-def _run(fn: Any, *args: Any) -> Any:
-    try:
-        return anyio.run(fn, *args)
-    except MagasinError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
 
 
 @click.group()
@@ -89,7 +75,7 @@ def saga_list(topology_path: str, state: str | None, limit: int) -> None:
                 NAMESPACE, INSTANCES, equals={"state": state} if state else None, limit=limit
             )
 
-    for key, doc in _run(go):
+    for key, doc in run_or_exit(go):
         click.echo(f"{key}  {doc['state']:<20} {doc['store_id']:<12} {doc.get('assignee') or '-'}")
 
 
@@ -104,7 +90,7 @@ def saga_show(complaint_id: str, topology_path: str) -> None:
         async with open_read_model_store(topology.database_url, schema=_schema(topology)) as store:
             return await load_saga(store, complaint_id)
 
-    found = _run(go)
+    found = run_or_exit(go)
     if found is None:
         click.echo(f"error: no saga for complaint {complaint_id!r}", err=True)
         sys.exit(1)
@@ -148,7 +134,7 @@ def saga_retry(complaint_id: str, topology_path: str) -> None:
             await bus.close()
         return "sent"
 
-    outcome = _run(go)
+    outcome = run_or_exit(go)
     if outcome is None:
         click.echo(f"error: no saga for complaint {complaint_id!r}", err=True)
         sys.exit(1)

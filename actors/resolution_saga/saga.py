@@ -119,6 +119,10 @@ from runtime.topology import parse_duration
 SAGA_USER: Final = "resolution-saga"
 
 
+SagaMessage = TimerFired | PaymentResult | RetryRequested
+Reaction = Callable[[Saga, Any, str], Awaitable[list[Timer] | None]]
+
+
 class SagaConflictError(ActorError):
     """The saga moved on since it was loaded (another worker or process handled a message of
     it): the message is handed back and handled again on the new state."""
@@ -167,11 +171,14 @@ class ComplaintResolutionSaga(ReadModelOwner):
         manager = options.get("manager")
         self.manager = None if manager is None else str(manager)
         self._domains = frozenset(context.topology.domains.values())
-        self._messages: dict[str, Callable[[Saga, Delivery], Awaitable[list[Timer] | None]]] = {
-            TIMER_FIRED: self._on_timer,
-            PAYMENT_COMPLETED: self._on_payment,
-            PAYMENT_FAILED: self._on_payment,
-            RETRY_REQUESTED: self._on_retry,
+        #: routing key -> (message type, reaction): a reaction gets the saga, the decoded
+        #: message and the delivery's message id (the cause of what it sends); it returns the
+        #: timers it changed, or None when it ignored the message (nothing to save).
+        self._messages: dict[str, tuple[type[SagaMessage], Reaction]] = {
+            TIMER_FIRED: (TimerFired, self._on_timer),
+            PAYMENT_COMPLETED: (PaymentResult, self._on_payment),
+            PAYMENT_FAILED: (PaymentResult, self._on_payment),
+            RETRY_REQUESTED: (RetryRequested, self._on_retry),
         }
 
     # --- entry -----------------------------------------------------------------------------
@@ -182,13 +189,15 @@ class ComplaintResolutionSaga(ReadModelOwner):
             if record.aggregate_type == "complaint":
                 await self._on_complaint_event(record)
             return
-        react = self._messages.get(delivery.original_routing_key)
-        if react is None:
+        reaction = self._messages.get(delivery.original_routing_key)
+        if reaction is None:
             raise Reject(
                 f"the resolution saga does not handle {delivery.original_routing_key!r} messages "
                 f"(it handles {', '.join(sorted(self._messages))})"
             )
-        saga_id = decode_body(delivery, _SagaAddressed).saga_id
+        message_type, react = reaction
+        message = decode_body(delivery, message_type)
+        saga_id = message.saga_id
         saga = await self._load(saga_id)
         if saga is None:
             logger.info(
@@ -203,7 +212,7 @@ class ComplaintResolutionSaga(ReadModelOwner):
         handled_key = f"{saga_id}:{delivery.message_id}"
         if await self.read_models.get(NAMESPACE, HANDLED, handled_key) is not None:
             return
-        changed = await react(saga, delivery)
+        changed = await react(saga, message, delivery.message_id)
         if changed is not None:  # None: ignored, nothing to record
             await self._save(saga, timers=changed, handled=handled_key)
 
@@ -383,8 +392,7 @@ class ComplaintResolutionSaga(ReadModelOwner):
 
     # --- saga messages ---------------------------------------------------------------------
 
-    async def _on_timer(self, saga: Saga, delivery: Delivery) -> list[Timer] | None:
-        fired = decode_body(delivery, TimerFired)
+    async def _on_timer(self, saga: Saga, fired: TimerFired, cause: str) -> list[Timer] | None:
         timer = saga.timer(fired.name)
         if timer is None or timer.status != "armed":
             logger.info(
@@ -407,10 +415,11 @@ class ComplaintResolutionSaga(ReadModelOwner):
         self._count_step("sla-escalation", status)
         return [timer]
 
-    async def _on_payment(self, saga: Saga, delivery: Delivery) -> list[Timer] | None:
-        result = decode_body(delivery, PaymentResult)
+    async def _on_payment(
+        self, saga: Saga, result: PaymentResult, cause: str
+    ) -> list[Timer] | None:
         if saga.state == "compensating" and not result.ok:
-            await self._compensate(saga, delivery.message_id)  # resumed after a crash
+            await self._compensate(saga, cause)  # resumed after a crash
             return []
         if saga.state == "running":
             # The answer overtook the commit of the request (another worker or process is
@@ -429,20 +438,21 @@ class ComplaintResolutionSaga(ReadModelOwner):
         if result.ok:
             step.status = "done"
             self._count_step("payment", "done")
-            await self._finish(saga, "completed", delivery.message_id)
+            await self._finish(saga, "completed", cause)
             return []
         step.status = "failed"
         self._count_step("payment", "failed")
         saga.payment_failure = result.detail or "the payment failed"
         saga.compensations = [Compensation(name=name) for name in COMPENSATIONS]
         saga.move("compensating", _now())
-        await self._compensate(saga, delivery.message_id)
+        await self._compensate(saga, cause)
         return []
 
-    async def _on_retry(self, saga: Saga, delivery: Delivery) -> list[Timer] | None:
-        decode_body(delivery, RetryRequested)
+    async def _on_retry(
+        self, saga: Saga, _request: RetryRequested, cause: str
+    ) -> list[Timer] | None:
         if saga.state == "compensating":
-            await self._compensate(saga, delivery.message_id)  # resumed after a crash
+            await self._compensate(saga, cause)  # resumed after a crash
             return []
         if saga.state != "compensation_failed":
             logger.warning(
@@ -453,7 +463,7 @@ class ComplaintResolutionSaga(ReadModelOwner):
             return None
         saga.retries += 1
         saga.move("compensating", _now())
-        await self._compensate(saga, delivery.message_id)
+        await self._compensate(saga, cause)
         return []
 
     # --- compensations ---------------------------------------------------------------------
@@ -686,7 +696,3 @@ class ComplaintResolutionSaga(ReadModelOwner):
         except SagaConflictError as exc:
             saga.version = expected
             raise Retry(f"{exc}; handling the message again on the saga's new state") from exc
-
-
-class _SagaAddressed(msgspec.Struct, frozen=True):
-    saga_id: str

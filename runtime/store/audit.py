@@ -182,36 +182,13 @@ def chain(
 
 
 def entry_of(record: AuditRecord) -> AuditEntry:
-    return AuditEntry(
-        event_id=record.event_id,
-        kind=record.kind,
-        event_type=record.event_type,
-        occurred_at=record.occurred_at,
-        payload_digest=record.payload_digest,
-        aggregate_type=record.aggregate_type,
-        aggregate_id=record.aggregate_id,
-        correlation_id=record.correlation_id,
-        causation_id=record.causation_id,
-        user=record.user,
-    )
+    """The entry a record was made of (what its hash covers, with its place and time)."""
+    return AuditEntry(**{name: getattr(record, name) for name in AuditEntry.__struct_fields__})
 
 
 def _record(entry: AuditEntry, seq: int, at: datetime, prev: str, digest: str) -> AuditRecord:
     return AuditRecord(
-        seq=seq,
-        event_id=entry.event_id,
-        kind=entry.kind,
-        event_type=entry.event_type,
-        aggregate_type=entry.aggregate_type,
-        aggregate_id=entry.aggregate_id,
-        correlation_id=entry.correlation_id,
-        causation_id=entry.causation_id,
-        user=entry.user,
-        occurred_at=entry.occurred_at,
-        recorded_at=at,
-        payload_digest=entry.payload_digest,
-        prev_hash=prev,
-        hash=digest,
+        **msgspec.structs.asdict(entry), seq=seq, recorded_at=at, prev_hash=prev, hash=digest
     )
 
 

@@ -174,20 +174,12 @@ async def _now(conn: AsyncConn) -> datetime:
     return value
 
 
+#: ``audit_log``'s columns in the order ``_INSERT`` lists them, as ``AuditRecord`` names them.
+_INSERT_FIELDS = (
+    "seq", "event_id", "kind", "event_type", "aggregate_type", "aggregate_id", "correlation_id",
+    "causation_id", "user", "occurred_at", "recorded_at", "payload_digest", "prev_hash", "hash",
+)  # fmt: skip
+
+
 def _row(record: AuditRecord) -> tuple[object, ...]:
-    return (
-        record.seq,
-        record.event_id,
-        record.kind,
-        record.event_type,
-        record.aggregate_type,
-        record.aggregate_id,
-        record.correlation_id,
-        record.causation_id,
-        record.user,
-        record.occurred_at,
-        record.recorded_at,
-        record.payload_digest,
-        record.prev_hash,
-        record.hash,
-    )
+    return tuple(getattr(record, name) for name in _INSERT_FIELDS)

@@ -112,6 +112,20 @@ def delivery_of(record: RecordedEvent) -> Delivery:
     )
 
 
+def saga_message(routing_key: str, body: bytes, message_id: str) -> Delivery:
+    """A message on saga.events, as the saga's queue delivers it."""
+    return Delivery(
+        queue="saga.orchestration",
+        message_id=message_id,
+        body=body,
+        headers={},
+        exchange="saga.events",
+        routing_key=routing_key,
+        redelivered=False,
+        delivery_tag=2,
+    )
+
+
 async def test_a_complaint_first_seen_through_a_later_event_starts_its_saga(
     saga: ComplaintResolutionSaga, store: MemoryEventStore
 ) -> None:
@@ -141,16 +155,7 @@ async def test_a_payment_answer_that_overtakes_the_request_is_handed_back(
     answer = {"request_id": "r", "saga_id": created.aggregate_id, "ok": True, "attempts": 1}
     with pytest.raises(Retry, match="has not recorded its payment request"):
         await saga.handle(
-            Delivery(
-                queue="saga.orchestration",
-                message_id="r:result",
-                body=msgspec.json.encode(answer),
-                headers={},
-                exchange="saga.events",
-                routing_key="payment.completed",
-                redelivered=False,
-                delivery_tag=2,
-            )
+            saga_message("payment.completed", msgspec.json.encode(answer), "r:result")
         )
 
 
@@ -192,15 +197,4 @@ async def test_a_message_the_saga_cannot_handle_goes_to_the_dead_letter_queue(
 ) -> None:
     """Reject and MessageDecodeError are what the runtime dead-letters at once."""
     with pytest.raises(error):
-        await saga.handle(
-            Delivery(
-                queue="saga.orchestration",
-                message_id="m-1",
-                body=body,
-                headers={},
-                exchange="saga.events",
-                routing_key=routing_key,
-                redelivered=False,
-                delivery_tag=3,
-            )
-        )
+        await saga.handle(saga_message(routing_key, body, "m-1"))
