@@ -64,11 +64,10 @@ RESOLUTION_BUCKETS: Final = (
 
 def timestamp(moment: datetime) -> str:
     """A UTC timestamp whose text order is its time order."""
-    offset = moment.utcoffset()
-    if offset is None:
-        moment = moment.replace(tzinfo=UTC)
-    elif offset:
-        moment = moment.astimezone(UTC)
+    if moment.tzinfo is not None and moment.tzinfo is not UTC:  # naive: UTC already
+        offset = moment.utcoffset()
+        if offset:
+            moment = moment - offset
     return moment.isoformat(timespec="microseconds")[:26] + "Z"
 
 

@@ -55,7 +55,8 @@ class EventCodec:
 
     def __init__(self) -> None:
         self._types: dict[str, type[msgspec.Struct]] = {}
-        self._decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+        #: event type -> (its decoder, its current schema version)
+        self._decoders: dict[str, tuple[msgspec.json.Decoder[Any], int]] = {}
         self._upcasters: dict[tuple[str, int], tuple[Upcaster, str]] = {}
 
     def register(self, *event_types: Any) -> EventCodec:
@@ -70,7 +71,7 @@ class EventCodec:
                 if known is not None and known is not member:
                     raise ValueError(f"event type {name!r} is registered twice")
                 self._types[name] = member
-                self._decoders[name] = msgspec.json.Decoder(member)
+                self._decoders[name] = (msgspec.json.Decoder(member), schema_version_of(member))
         return self
 
     def upcaster(
@@ -94,10 +95,10 @@ class EventCodec:
     def decode_payload(
         self, event_id: UUID | str, event_type: str, schema_version: int, data: bytes
     ) -> msgspec.Struct:
-        cls = self._types.get(event_type)
-        if cls is not None and schema_version == schema_version_of(cls):
+        current = self._decoders.get(event_type)
+        if current is not None and schema_version == current[1]:
             try:
-                result: msgspec.Struct = self._decoders[event_type].decode(data)
+                result: msgspec.Struct = current[0].decode(data)
             except msgspec.DecodeError as exc:
                 raise EventDecodeError(event_id, event_type, str(exc)) from exc
             return result
@@ -156,6 +157,25 @@ class EventCodec:
 
     def decode(self, record: RecordedEvent) -> Envelope[Any]:
         """The record with its payload typed (and upcast) and its type name made current."""
+        current = self._decoders.get(record.event_type)
+        if current is not None and record.metadata.schema_version == current[1]:
+            # Stored in the current shape (the common case): nothing to rename or upcast.
+            try:
+                typed = current[0].decode(record.data)
+            except msgspec.DecodeError as exc:
+                raise EventDecodeError(record.event_id, record.event_type, str(exc)) from exc
+            return Envelope(
+                event_id=record.event_id,
+                event_type=record.event_type,
+                aggregate_type=record.aggregate_type,
+                aggregate_id=record.aggregate_id,
+                version=record.version,
+                position=record.position,
+                tx_id=record.tx_id,
+                payload=typed,
+                metadata=record.metadata,
+                created_at=record.created_at,
+            )
         payload = self.decode_payload(
             record.event_id, record.event_type, record.metadata.schema_version, record.data
         )

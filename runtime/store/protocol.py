@@ -296,8 +296,11 @@ def check_read_args(limit: int, from_version: int = 1) -> None:
         raise InvalidRequestError(f"from_version counts from 1, got {from_version}")
 
 
+_metadata = msgspec.json.Decoder(Metadata)
+
+
 def decode_metadata(raw: bytes | str) -> Metadata:
-    return msgspec.json.decode(raw, type=Metadata)
+    return _metadata.decode(raw)
 
 
 def _contains_nul(encoded: bytes) -> bool:
