@@ -8,11 +8,12 @@ Run with ``python -m bench.replay`` (``make bench`` runs it). On a throw-away da
    history encodes to (``INSERT ... SELECT generate_series``): the figures are about the
    replay, not about writing;
 2. rebuilds ``complaint-list`` with ``runtime.replay.replay`` (what ``magasin replay`` runs):
-   read in checkpoint order, decode, fold into a shadow namespace in batches, swap;
-3. measures, in the same run, what PostgreSQL alone does with the same rows: one
-   ``INSERT INTO read_models SELECT ... FROM event_store`` building one document per complaint
-   from its created event, server-side, with no client at all (the physical floor of any
-   rebuild here), and the client-side read of every event (``read_all`` + decode).
+   read in checkpoint order, decode, fold in memory, write in bulk (COPY) in the background,
+   swap the tables in;
+3. measures, in the same run, the client-side read of every event (``read_all`` + decode),
+   and what PostgreSQL alone takes to store the rebuilt documents: ``INSERT ... SELECT`` of
+   them, server-side, into a table with the same indexes (no client at all: the floor of the
+   writing part of any rebuild here).
 
 The design document's floor is 30 s for a million events; the issue aims below 10 s.
 """
@@ -95,19 +96,21 @@ async def fill(dsn: str, events: int) -> None:
         await conn.execute("VACUUM ANALYZE event_store")
 
 
-async def floor_server_side(dsn: str) -> float:
-    """PostgreSQL alone: one document per complaint built from its created event."""
+async def floor_server_side(dsn: str, projection: str) -> float:
+    """PostgreSQL alone: storing the rebuilt documents again, server-side, into a table with
+    the same indexes (primary key and the jsonb GIN): what writing the result costs with no
+    client at all."""
     async with await psycopg.AsyncConnection.connect(
         connection_string(dsn, schema=SCHEMA), autocommit=True
     ) as conn:
+        await conn.execute("CREATE TABLE floor_documents (LIKE read_models INCLUDING ALL)")
         started = time.perf_counter()
         await conn.execute(
-            """INSERT INTO read_models (projection, collection, key, doc)
-               SELECT 'floor', 'complaints', aggregate_id, event_data
-                 FROM event_store WHERE version = 1"""
+            "INSERT INTO floor_documents SELECT * FROM read_models WHERE projection = %s",
+            (projection,),
         )
         seconds = time.perf_counter() - started
-        await conn.execute("DELETE FROM read_models WHERE projection = 'floor'")
+        await conn.execute("DROP TABLE floor_documents")
         return seconds
 
 
@@ -127,8 +130,6 @@ async def bench(dsn: str, events: int, batch: int) -> None:
         progress(f"storing {events:,} events")
         await fill(dsn, events)
         topology = parse_topology(TOPOLOGY, source="bench.replay", env={})
-        progress("PostgreSQL alone: INSERT ... SELECT of the complaint documents")
-        floor = await floor_server_side(dsn)
         progress("reading every event (read_all + decode)")
         read, read_seconds = await read_everything(store, batch)
         progress("magasin: replay complaint-list")
@@ -148,6 +149,8 @@ async def bench(dsn: str, events: int, batch: int) -> None:
             batch_size=batch,
             progress=show,
         )
+        progress("PostgreSQL alone: INSERT ... SELECT of the rebuilt documents")
+        floor = await floor_server_side(dsn, "complaints")
     finally:
         await read_models.close()
         await store.close()
@@ -160,9 +163,9 @@ async def bench(dsn: str, events: int, batch: int) -> None:
     print(f"{'magasin replay: events/s':<58}{report.events_per_second:>14,.0f}")
     print(f"{'client read of every event (read_all + decode): seconds':<58}{read_seconds:>14.1f}")
     print(f"{'  events/s':<58}{read / read_seconds:>14,.0f}")
-    print(f"{'PostgreSQL alone, INSERT ... SELECT of the documents: s':<58}{floor:>14.1f}")
+    print(f"{'PostgreSQL alone, storing the rebuilt documents: seconds':<58}{floor:>14.1f}")
     print("-" * 72)
-    print(f"batch size {batch:,} events per read-model transaction; one Python process")
+    print(f"batch size {batch:,} events per read; one Python process")
     print("design document's floor: 30 s for 1,000,000 events; aim: < 10 s")
     print(f"load average at the end {load_average()}")
 
@@ -170,7 +173,7 @@ async def bench(dsn: str, events: int, batch: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__)
     parser.add_argument("--events", type=int, default=1_000_000, help="stored events (1M)")
-    parser.add_argument("--batch", type=int, default=2000, help="events per transaction")
+    parser.add_argument("--batch", type=int, default=5000, help="events per read")
     parser.add_argument(
         "--admin-url",
         default="postgresql://postgres@127.0.0.1:5432/postgres",

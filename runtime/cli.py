@@ -92,10 +92,24 @@ def db_migrate(database_url: str | None, schema: str) -> None:
     show_default=True,
     help="The topology naming the projection and the database (MAGASIN_DATABASE_URL overrides).",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=2000, show_default=True)
-def replay_command(projection: str, topology_path: str, batch_size: int) -> None:
-    """Rebuild PROJECTION (an actor of the topology) from the event store into a shadow copy
-    while the live one keeps serving, then swap them atomically."""
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=5000,
+    show_default=True,
+    help="Events per read from the store.",
+)
+@click.option(
+    "--buffer",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Documents and versions held in memory before they are written (COPY) in the "
+    "background; at most about twice that is held.",
+)
+def replay_command(projection: str, topology_path: str, batch_size: int, buffer: int) -> None:
+    """Rebuild PROJECTION (an actor of the topology) from the event store into tables of its
+    own while the live one keeps serving, then swap them in atomically."""
     importable_cwd()
     topology = load_or_exit(topology_path, check_handlers=True)
     url = topology.database_url
@@ -134,6 +148,7 @@ def replay_command(projection: str, topology_path: str, batch_size: int) -> None
                     store=store,
                     read_models=read_models,
                     batch_size=batch_size,
+                    buffer=buffer,
                     progress=advance,
                 )
         finally:

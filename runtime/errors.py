@@ -57,6 +57,17 @@ class InvalidRequestError(StoreError):
     """A request that can never succeed as written (bad limit, bad version, bad ids)."""
 
 
+class RebuildInProgressError(StoreError):
+    """Another rebuild of the same projection is running (``ReadModelStore.rebuild``)."""
+
+    def __init__(self, projection: str) -> None:
+        self.projection = projection
+        super().__init__(
+            f"projection {projection!r} is already being rebuilt (another `magasin replay`?); "
+            "wait for it to finish, or stop it, then try again"
+        )
+
+
 class InvalidAppendError(InvalidRequestError):
     """An append request that can never succeed (empty, negative version, bad ids)."""
 

@@ -17,7 +17,7 @@ process reads what the projection actor wrote.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -59,6 +59,12 @@ class ReadModelTx(Protocol):
         prefetches what its events touch); ``for_update`` always reads afresh."""
         ...
 
+    async def prefetch(self, collection: str, keys: Sequence[str]) -> None:
+        """Read the documents of ``keys`` in one read (no lock), so that a later ``get`` of
+        one of them without ``for_update`` answers from it; nothing is decoded yet (a batch
+        prefetches what its events touch)."""
+        ...
+
     async def put(self, collection: str, key: str, doc: Document) -> None:
         """Create or replace the document."""
         ...
@@ -85,6 +91,48 @@ class ReadModelTx(Protocol):
 
     async def set_last_version(self, aggregate_id: str, version: int) -> None:
         """Record ``version`` as applied. A version never goes back: a lower one is ignored."""
+        ...
+
+
+@runtime_checkable
+class Rebuild(Protocol):
+    """A projection's read model under construction (``ReadModelStore.rebuild``), written in
+    bulk by its one writer: documents are given already encoded (``encode_document``)."""
+
+    #: The live projection this one will replace.
+    projection: str
+
+    async def load(self, collection: str, keys: Sequence[str]) -> dict[str, Document]:
+        """The documents of ``keys`` that ``write`` wrote, by key."""
+        ...
+
+    async def load_versions(self, aggregate_ids: Sequence[str]) -> dict[str, int]:
+        """The versions ``write`` recorded for these aggregates (0: none)."""
+        ...
+
+    async def list(
+        self, collection: str, *, limit: int = 100, after_key: str | None = None
+    ) -> list[Entry]:
+        """A page of what ``write`` wrote, as ``ReadModelTx.list``."""
+        ...
+
+    async def write(
+        self,
+        documents: Mapping[tuple[str, str], bytes | None],
+        versions: Mapping[str, int],
+        *,
+        new: bool = False,
+    ) -> None:
+        """Create or replace the documents at ``(collection, key)`` (None: delete them) and
+        record the aggregates' versions, in one transaction. ``new``: the caller knows none
+        of them was written before, so they are inserted in bulk, replacing nothing."""
+        ...
+
+    async def swap(self, finish: Callable[[ReadModelTx], Awaitable[object]]) -> None:
+        """Make this read model the live one, atomically: readers see the old one until the
+        commit, then this one. ``finish`` runs first, in the same transaction, on this read
+        model (to apply what the live projection applied meanwhile); while it runs, every
+        projection's writes wait."""
         ...
 
 
@@ -137,13 +185,11 @@ class ReadModelStore(Protocol):
         """Delete every document and version record of ``projection``."""
         ...
 
-    async def swap(
-        self, live: str, shadow: str, finish: Callable[[ReadModelTx], Awaitable[object]]
-    ) -> None:
-        """Make ``shadow``'s documents and versions ``live``'s, atomically: readers see the old
-        ones until the commit, then the new. ``finish`` runs first, in the same transaction on
-        ``shadow`` (to apply what the live projection applied meanwhile); while it runs, every
-        projection's writes wait (PostgreSQL locks ``projection_versions``)."""
+    def rebuild(self, projection: str) -> AbstractAsyncContextManager[Rebuild]:
+        """An empty read model built beside ``projection``'s live one, for a single writer
+        (``magasin replay``): readers keep seeing the live one until ``Rebuild.swap``. What is
+        not swapped in when the block exits is discarded. A second rebuild of the same
+        projection at the same time is refused (``RebuildInProgressError``)."""
         ...
 
     async def close(self) -> None: ...

@@ -11,17 +11,18 @@ other forever: take the aggregate's version first, then documents in a fixed ord
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
 import anyio
 
-from runtime.errors import InvalidRequestError
+from runtime.errors import InvalidRequestError, RebuildInProgressError
 from runtime.store.readmodel import (
     Document,
     Entry,
     ReadModelTx,
+    Rebuild,
     check_name,
     check_page,
     check_version,
@@ -64,6 +65,7 @@ class MemoryReadModelStore:
         self._docs: dict[_Collection, dict[str, bytes]] = {}
         self._versions: dict[tuple[str, str], int] = {}
         self._locks = _KeyedLocks()
+        self._rebuilding: set[str] = set()
 
     @asynccontextmanager
     async def transaction(self, projection: str) -> AsyncIterator[ReadModelTx]:
@@ -131,17 +133,19 @@ class MemoryReadModelStore:
         for key in [k for k in self._versions if k[0] == projection]:
             del self._versions[key]
 
-    async def swap(
-        self, live: str, shadow: str, finish: Callable[[ReadModelTx], Awaitable[object]]
-    ) -> None:
-        check_name("projection", live)
-        async with self.transaction(shadow) as tx:
-            await finish(tx)
-        await self.drop(live)
-        for projection, collection in [k for k in self._docs if k[0] == shadow]:
-            self._docs[(live, collection)] = self._docs.pop((projection, collection))
-        for projection, aggregate_id in [k for k in self._versions if k[0] == shadow]:
-            self._versions[(live, aggregate_id)] = self._versions.pop((projection, aggregate_id))
+    @asynccontextmanager
+    async def rebuild(self, projection: str) -> AsyncIterator[Rebuild]:
+        check_name("projection", projection)
+        if projection in self._rebuilding:
+            raise RebuildInProgressError(projection)
+        self._rebuilding.add(projection)
+        rebuild = MemoryRebuild(self, projection)
+        try:
+            await self.drop(rebuild.shadow)
+            yield rebuild
+        finally:
+            self._rebuilding.discard(projection)
+            await self.drop(rebuild.shadow)
 
     async def close(self) -> None:
         return None
@@ -194,6 +198,12 @@ class MemoryReadModelTx:
             if doc is not None:
                 found[key] = doc
         return found
+
+    async def prefetch(self, collection: str, keys: Sequence[str]) -> None:
+        self._check_open()  # everything is at hand already
+        check_name("collection", collection)
+        for key in keys:
+            check_name("key", key)
 
     async def put(self, collection: str, key: str, doc: Document) -> None:
         self._check_open()
@@ -267,6 +277,58 @@ class MemoryReadModelTx:
                 docs[key] = raw
         for aggregate_id, version in self._versions.items():
             store._versions[(self._projection, aggregate_id)] = version
+
+
+class MemoryRebuild:
+    """A rebuild in the embedded store: a namespace of its own, renamed by ``swap``."""
+
+    def __init__(self, store: MemoryReadModelStore, projection: str) -> None:
+        self._store = store
+        self.projection = projection
+        self.shadow = projection + "~rebuild"
+
+    async def load(self, collection: str, keys: Sequence[str]) -> dict[str, Document]:
+        docs = self._store._docs.get((self.shadow, collection), {})
+        return {key: decode_document(docs[key]) for key in keys if key in docs}
+
+    async def load_versions(self, aggregate_ids: Sequence[str]) -> dict[str, int]:
+        versions = self._store._versions
+        return {a: versions.get((self.shadow, a), 0) for a in aggregate_ids}
+
+    async def list(
+        self, collection: str, *, limit: int = 100, after_key: str | None = None
+    ) -> builtins.list[Entry]:
+        return await self._store.list(self.shadow, collection, limit=limit, after_key=after_key)
+
+    async def write(
+        self,
+        documents: Mapping[tuple[str, str], bytes | None],
+        versions: Mapping[str, int],
+        *,
+        new: bool = False,
+    ) -> None:
+        for (collection, key), raw in documents.items():
+            check_name("collection", collection)
+            check_name("key", key)
+            docs = self._store._docs.setdefault((self.shadow, collection), {})
+            if raw is None:
+                docs.pop(key, None)
+            else:
+                docs[key] = bytes(raw)
+        for aggregate_id, version in versions.items():
+            check_name("aggregate_id", aggregate_id)
+            check_version(version)
+            self._store._versions[(self.shadow, aggregate_id)] = version
+
+    async def swap(self, finish: Callable[[ReadModelTx], Awaitable[object]]) -> None:
+        store, live, shadow = self._store, self.projection, self.shadow
+        async with store.transaction(shadow) as tx:
+            await finish(tx)
+        await store.drop(live)
+        for projection, collection in [k for k in store._docs if k[0] == shadow]:
+            store._docs[(live, collection)] = store._docs.pop((projection, collection))
+        for projection, aggregate_id in [k for k in store._versions if k[0] == shadow]:
+            store._versions[(live, aggregate_id)] = store._versions.pop((projection, aggregate_id))
 
 
 def matches(

@@ -22,7 +22,8 @@ one per document read, not several per event.
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any, TypeVar
 
@@ -32,12 +33,18 @@ from loguru import logger
 from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from runtime.errors import InvalidRequestError, StoreError, StoreUnavailableError
+from runtime.errors import (
+    InvalidRequestError,
+    RebuildInProgressError,
+    StoreError,
+    StoreUnavailableError,
+)
 from runtime.store.postgres import connection_string, describe_dsn, open_pool
 from runtime.store.readmodel import (
     Document,
     Entry,
     ReadModelTx,
+    Rebuild,
     check_name,
     check_page,
     check_version,
@@ -48,33 +55,33 @@ from runtime.store.readmodel import (
 T = TypeVar("T")
 AsyncConn = psycopg.AsyncConnection[Any]
 
-_GET = "SELECT doc::text FROM read_models WHERE projection = %s AND collection = %s AND key = %s"
+_GET = "SELECT doc::text FROM {docs} WHERE projection = %s AND collection = %s AND key = %s"
 _LOCK_DOC = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
 _LIST = """
-SELECT key, doc::text FROM read_models
+SELECT key, doc::text FROM {docs}
  WHERE projection = %s AND collection = %s AND key > %s
  ORDER BY key
  LIMIT %s"""
 _LOCK_VERSION = """
-SELECT version FROM projection_versions WHERE projection = %s AND aggregate_id = %s FOR UPDATE"""
+SELECT version FROM {versions} WHERE projection = %s AND aggregate_id = %s FOR UPDATE"""
 # No row yet: create it at 0. A concurrent creator makes this wait for its commit, then the
 # no-op update locks the row and returns the version it committed.
 _CREATE_VERSION = """
-INSERT INTO projection_versions (projection, aggregate_id, version) VALUES (%s, %s, 0)
-ON CONFLICT (projection, aggregate_id) DO UPDATE SET version = projection_versions.version
+INSERT INTO {versions} AS v (projection, aggregate_id, version) VALUES (%s, %s, 0)
+ON CONFLICT (projection, aggregate_id) DO UPDATE SET version = v.version
 RETURNING version"""
 # Lists travel as one JSON document (``jsonb_to_recordset``): psycopg escapes a text array
 # element by element in Python, which costs more than the statement on a replay's batches.
 _SET_VERSIONS = """
-INSERT INTO projection_versions (projection, aggregate_id, version)
+INSERT INTO {versions} AS v (projection, aggregate_id, version)
 SELECT %s, t.a, t.v FROM jsonb_to_recordset(%s::jsonb) AS t (a text, v integer)
 ON CONFLICT (projection, aggregate_id) DO UPDATE SET version = excluded.version
- WHERE projection_versions.version < excluded.version"""
+ WHERE v.version < excluded.version"""
 # Lock (creating at 0 where missing) several version rows in one statement, in key order.
 _LOCK_VERSIONS = """
-INSERT INTO projection_versions (projection, aggregate_id, version)
+INSERT INTO {versions} AS v (projection, aggregate_id, version)
 SELECT %s, a, 0 FROM jsonb_array_elements_text(%s::jsonb) AS a ORDER BY a
-ON CONFLICT (projection, aggregate_id) DO UPDATE SET version = projection_versions.version
+ON CONFLICT (projection, aggregate_id) DO UPDATE SET version = v.version
 RETURNING aggregate_id, version"""
 # One primary-key lookup per key, whatever the statistics say: a replay fills the table faster
 # than autovacuum analyses it, and with a stale estimate the planner flattens a plain join into
@@ -82,17 +89,41 @@ RETURNING aggregate_id, version"""
 _GET_MANY = """
 SELECT k.key, r.doc::text FROM jsonb_array_elements_text(%s::jsonb) AS k (key)
  CROSS JOIN LATERAL (
-   SELECT doc FROM read_models
+   SELECT doc FROM {docs}
     WHERE projection = %s AND collection = %s AND key = k.key
     LIMIT 1) AS r"""
 _PUT_MANY = """
-INSERT INTO read_models (projection, collection, key, doc)
+INSERT INTO {docs} (projection, collection, key, doc)
 SELECT %s, t.c, t.k, t.d FROM jsonb_to_recordset(%s::jsonb) AS t (c text, k text, d jsonb)
 ON CONFLICT (projection, collection, key) DO UPDATE SET doc = excluded.doc, updated_at = now()"""
 _DELETE_MANY = """
-DELETE FROM read_models AS r USING jsonb_to_recordset(%s::jsonb) AS t (c text, k text)
+DELETE FROM {docs} AS r USING jsonb_to_recordset(%s::jsonb) AS t (c text, k text)
  WHERE r.projection = %s AND r.collection = t.c AND r.key = t.k"""
 _json = msgspec.json.Encoder()
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class _Statements:
+    """The statements above on one pair of tables: the parents, or a rebuild's own."""
+
+    def __init__(self, docs: str, versions: str) -> None:
+        tables = {"docs": _quote(docs), "versions": _quote(versions)}
+        self.docs, self.versions = docs, versions
+        self.get = _GET.format(**tables)
+        self.list = _LIST.format(**tables)
+        self.lock_version = _LOCK_VERSION.format(**tables)
+        self.create_version = _CREATE_VERSION.format(**tables)
+        self.set_versions = _SET_VERSIONS.format(**tables)
+        self.lock_versions = _LOCK_VERSIONS.format(**tables)
+        self.get_many = _GET_MANY.format(**tables)
+        self.put_many = _PUT_MANY.format(**tables)
+        self.delete_many = _DELETE_MANY.format(**tables)
+
+
+_LIVE = _Statements("read_models", "projection_versions")
 
 
 class PostgresReadModelStore:
@@ -100,6 +131,7 @@ class PostgresReadModelStore:
 
     def __init__(self, *, pool: AsyncConnectionPool[AsyncConn], dsn: str, schema: str) -> None:
         self._pool = pool
+        self._conninfo = connection_string(dsn, schema=schema)
         self._where = describe_dsn(dsn)
         self._schema = schema
 
@@ -143,7 +175,9 @@ class PostgresReadModelStore:
         return self._session(projection, transactional=True)
 
     @asynccontextmanager
-    async def _session(self, projection: str, *, transactional: bool) -> AsyncIterator[ReadModelTx]:
+    async def _session(
+        self, projection: str, *, transactional: bool, statements: _Statements = _LIVE
+    ) -> AsyncIterator[PostgresReadModelTx]:
         """A pooled connection in one transaction, or in autocommit for a single read."""
         check_name("projection", projection)
         try:
@@ -151,7 +185,7 @@ class PostgresReadModelStore:
                 self._pool.connection() as conn,
                 conn.transaction() if transactional else nullcontext(),
             ):
-                tx = PostgresReadModelTx(conn, projection, self._where, self._schema)
+                tx = PostgresReadModelTx(conn, projection, self._where, self._schema, statements)
                 try:
                     yield tx
                     await tx.flush()  # the staged writes, just before the commit
@@ -259,13 +293,186 @@ class PostgresReadModelStore:
 
         await self._retrying(projection, delete, transactional=True)
 
-    async def swap(
-        self, live: str, shadow: str, finish: Callable[[ReadModelTx], Awaitable[object]]
+    @asynccontextmanager
+    async def rebuild(self, projection: str) -> AsyncIterator[Rebuild]:
+        check_name("projection", projection)
+        lock = hashlib.sha256(f"magasin.rebuild\x1f{projection}".encode()).hexdigest()
+        try:
+            # A session lock, held by a connection of its own for the whole rebuild.
+            guard = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            raise _translate(exc, "opening a rebuild", self._where, self._schema) from exc
+        async with guard:
+            cur = await guard.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (lock,)
+            )
+            row = await cur.fetchone()
+            if not row or not row[0]:
+                raise RebuildInProgressError(projection)
+            rebuild = PostgresRebuild(self, projection)
+            await rebuild.create()
+            try:
+                yield rebuild
+            finally:
+                try:
+                    await rebuild.discard()
+                except StoreError as exc:  # not to hide why the rebuild ended
+                    logger.warning(
+                        "could not drop the tables of the rebuild of {projection} ({exc}); "
+                        "the next rebuild of it drops them",
+                        projection=projection,
+                        exc=exc,
+                    )
+
+    def __repr__(self) -> str:
+        return f"PostgresReadModelStore({self._where}, schema={self._schema!r})"
+
+
+class PostgresRebuild:
+    """A rebuild in two tables of its own, ``read_models_rebuild_<digest>`` and
+    ``projection_versions_rebuild_<digest>``: rows under the live projection's name (a CHECK
+    says so), written with COPY, and attached by ``swap`` as that projection's partitions of
+    ``read_models`` and ``projection_versions`` (``sql/0010``), which takes no rewrite."""
+
+    def __init__(self, store: PostgresReadModelStore, projection: str) -> None:
+        self._store = store
+        self.projection = projection
+        digest = hashlib.sha256(projection.encode()).hexdigest()[:20]
+        self._sql = _Statements(
+            f"read_models_rebuild_{digest}", f"projection_versions_rebuild_{digest}"
+        )
+        # (parent, this rebuild's table, the name of the projection's partition once attached)
+        self._tables = (
+            ("read_models", self._sql.docs, f"read_models_p_{digest}"),
+            ("projection_versions", self._sql.versions, f"projection_versions_p_{digest}"),
+        )
+
+    async def _run(self, work: Callable[[PostgresReadModelTx], Awaitable[T]]) -> T:
+        async with self._store._session(
+            self.projection, transactional=True, statements=self._sql
+        ) as tx:
+            return await work(tx)
+
+    async def create(self) -> None:
+        """Drop what an interrupted rebuild left, create the tables, empty."""
+        await self.discard()
+        live = _literal(self.projection)
+        docs, versions = _quote(self._sql.docs), _quote(self._sql.versions)
+
+        async def create(tx: PostgresReadModelTx) -> None:
+            await tx._fetch(
+                f"CREATE TABLE {docs} (LIKE read_models INCLUDING DEFAULTS,"
+                f" CHECK (projection = {live}), PRIMARY KEY (projection, collection, key))",
+                (),
+            )
+            await tx._fetch(
+                f"CREATE TABLE {versions} (LIKE projection_versions INCLUDING DEFAULTS"
+                f" INCLUDING CONSTRAINTS, CHECK (projection = {live}),"
+                " PRIMARY KEY (projection, aggregate_id))",
+                (),
+            )
+            # The index the partition must have (sql/0008's; ATTACH would build a missing
+            # one, under the swap's locks). Kept up by each write: PostgreSQL does that while
+            # the replay folds the next chunk, instead of building it at the end.
+            await tx._fetch(f"CREATE INDEX ON {docs} USING gin (doc jsonb_path_ops)", ())
+
+        await self._run(create)
+
+    async def discard(self) -> None:
+        tables = ", ".join(_quote(build) for _, build, _ in self._tables)
+        await self._run(lambda tx: tx._fetch(f"DROP TABLE IF EXISTS {tables}", ()))
+
+    async def load(self, collection: str, keys: Sequence[str]) -> dict[str, Document]:
+        return await self._run(lambda tx: tx.get_many(collection, keys))
+
+    async def load_versions(self, aggregate_ids: Sequence[str]) -> dict[str, int]:
+        async def read(tx: PostgresReadModelTx) -> dict[str, int]:
+            rows = await tx._fetch(
+                f"SELECT aggregate_id, version FROM {_quote(self._sql.versions)}"
+                " WHERE projection = %s AND aggregate_id = ANY(%s)",
+                (self.projection, list(aggregate_ids)),
+            )
+            found = dict.fromkeys(aggregate_ids, 0)
+            found.update((a, int(v)) for a, v in rows)
+            return found
+
+        return await self._run(read)
+
+    async def list(
+        self, collection: str, *, limit: int = 100, after_key: str | None = None
+    ) -> builtins.list[Entry]:
+        return await self._run(lambda tx: tx.list(collection, limit=limit, after_key=after_key))
+
+    async def write(
+        self,
+        documents: Mapping[tuple[str, str], bytes | None],
+        versions: Mapping[str, int],
+        *,
+        new: bool = False,
     ) -> None:
-        check_name("projection", live)
-        async with self._session(shadow, transactional=True) as tx:
-            assert isinstance(tx, PostgresReadModelTx)
-            # A million rows take a while to move: no timeout for this one transaction.
+        for collection, key in documents:
+            check_name("collection", collection)
+            check_name("key", key)
+        for aggregate_id, version in versions.items():
+            check_name("aggregate_id", aggregate_id)
+            check_version(version)
+        puts = [(c, k, raw) for (c, k), raw in documents.items() if raw is not None]
+        deletes = [{"c": c, "k": k} for (c, k), raw in documents.items() if raw is None]
+        docs, vers = _quote(self._sql.docs), _quote(self._sql.versions)
+        projection = _copy_field(self.projection)
+
+        async def write(tx: PostgresReadModelTx) -> None:
+            await tx._fetch("SET LOCAL statement_timeout = 0", ())
+            into_docs, into_versions = docs, vers
+            if not new:  # through a staging table, to replace what is there
+                into_docs, into_versions = "magasin_rebuild_docs", "magasin_rebuild_versions"
+                for staging, like in ((into_docs, docs), (into_versions, vers)):
+                    await tx._fetch(
+                        f"CREATE TEMP TABLE {staging} (LIKE {like} INCLUDING DEFAULTS)"
+                        " ON COMMIT DROP",
+                        (),
+                    )
+            await tx.copy(
+                f"COPY {into_docs} (projection, collection, key, doc) FROM STDIN",
+                (
+                    b"%b\t%b\t%b\t%b\n"
+                    % (projection, _copy_field(c), _copy_field(k), raw.replace(b"\\", b"\\\\"))
+                    for c, k, raw in puts
+                ),
+            )
+            await tx.copy(
+                f"COPY {into_versions} (projection, aggregate_id, version) FROM STDIN",
+                (b"%b\t%b\t%d\n" % (projection, _copy_field(a), v) for a, v in versions.items()),
+            )
+            if new:
+                return
+            await tx._fetch(
+                f"INSERT INTO {docs} AS d SELECT * FROM {into_docs} ON CONFLICT"
+                " (projection, collection, key) DO UPDATE SET doc = excluded.doc",
+                (),
+            )
+            await tx._fetch(
+                f"INSERT INTO {vers} AS v SELECT * FROM {into_versions} ON CONFLICT"
+                " (projection, aggregate_id) DO UPDATE SET version = excluded.version",
+                (),
+            )
+            if deletes:
+                await tx._fetch(
+                    tx._sql.delete_many, (_json.encode(deletes).decode(), self.projection)
+                )
+
+        await self._run(write)
+
+    async def swap(self, finish: Callable[[ReadModelTx], Awaitable[object]]) -> None:
+        async def prepare(tx: PostgresReadModelTx) -> None:
+            # Fresh statistics for the planner, before the swap's locks.
+            await tx._fetch("SET LOCAL statement_timeout = 0", ())
+            for _, build, _ in self._tables:
+                await tx._fetch(f"ANALYZE {_quote(build)}", ())
+
+        await self._run(prepare)
+
+        async def attach(tx: PostgresReadModelTx) -> None:
             await tx._fetch("SET LOCAL statement_timeout = 0", ())
             await tx._fetch("SET LOCAL idle_in_transaction_session_timeout = 0", ())
             # Live projections' transactions hold ROW EXCLUSIVE on it until they commit:
@@ -273,23 +480,59 @@ class PostgresReadModelStore:
             await tx._fetch("LOCK TABLE projection_versions IN EXCLUSIVE MODE", ())
             await finish(tx)
             await tx.flush()
-            for table in ("read_models", "projection_versions"):
-                await tx._fetch(f"DELETE FROM {table} WHERE projection = %s", (live,))
+            # Queries wait from here to the commit: one planned with the partitions of
+            # before the ATTACH but run with a snapshot of after it would miss both copies.
+            await tx._fetch(
+                "LOCK TABLE read_models, projection_versions IN ACCESS EXCLUSIVE MODE", ()
+            )
+            live = _literal(self.projection)
+            for parent, build, partition in self._tables:
+                rows = await tx._fetch("SELECT to_regclass(%s) IS NOT NULL", (partition,))
+                if rows[0][0]:  # rebuilt before: the old partition goes
+                    await tx._fetch(f"DROP TABLE {_quote(partition)}", ())
+                else:  # first rebuild: its rows are in the default partition
+                    await tx._fetch(
+                        f"DELETE FROM {parent} WHERE projection = %s", (self.projection,)
+                    )
                 await tx._fetch(
-                    f"UPDATE {table} SET projection = %s WHERE projection = %s",
-                    (live, shadow),
+                    f"ALTER TABLE {parent} ATTACH PARTITION {_quote(build)} FOR VALUES IN ({live})",
+                    (),
                 )
+                await tx._fetch(f"ALTER TABLE {_quote(build)} RENAME TO {_quote(partition)}", ())
 
-    def __repr__(self) -> str:
-        return f"PostgresReadModelStore({self._where}, schema={self._schema!r})"
+        await self._run(attach)
+
+
+def _literal(text: str) -> str:
+    """``text`` as an SQL string literal (for DDL, which takes no parameters)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _copy_field(text: str) -> bytes:
+    """``text`` as a field of COPY's text format."""
+    return (
+        text.encode()
+        .replace(b"\\", b"\\\\")
+        .replace(b"\t", b"\\t")
+        .replace(b"\n", b"\\n")
+        .replace(b"\r", b"\\r")
+    )
 
 
 class PostgresReadModelTx:
     """One projection's statements inside one open PostgreSQL transaction; writes are staged
     here (and read back) until :meth:`flush`, which the store calls before committing."""
 
-    def __init__(self, conn: AsyncConn, projection: str, where: str, schema: str) -> None:
+    def __init__(
+        self,
+        conn: AsyncConn,
+        projection: str,
+        where: str,
+        schema: str,
+        statements: _Statements = _LIVE,
+    ) -> None:
         self._conn = conn
+        self._sql = statements
         self._projection = projection
         self._where = where
         self._schema = schema
@@ -328,34 +571,37 @@ class PostgresReadModelTx:
         if not for_update and (collection, key) in self._read:
             read = self._read[(collection, key)]
             return None if read is None else decode_document(read)
-        rows = await self._fetch(_GET, (self._projection, collection, key))
+        rows = await self._fetch(self._sql.get, (self._projection, collection, key))
         return decode_document(rows[0][0]) if rows else None
 
     async def get_many(self, collection: str, keys: Sequence[str]) -> dict[str, Document]:
+        await self.prefetch(collection, keys)
+        found: dict[str, Document] = {}
+        for key in dict.fromkeys(keys):
+            address = (collection, key)
+            raw = self._writes[address] if address in self._writes else self._read[address]
+            if raw is not None:
+                found[key] = decode_document(raw)
+        return found
+
+    async def prefetch(self, collection: str, keys: Sequence[str]) -> None:
         self._check_open()
         check_name("collection", collection)
         for key in keys:
             check_name("key", key)
-        found: dict[str, Document] = {}
-        wanted: list[str] = []
-        for key in dict.fromkeys(keys):
-            if (collection, key) in self._writes:
-                staged = self._writes[(collection, key)]
-                if staged is not None:
-                    found[key] = decode_document(staged)
-            else:
-                wanted.append(key)
+        wanted = [
+            key
+            for key in dict.fromkeys(keys)
+            if (collection, key) not in self._writes and (collection, key) not in self._read
+        ]
         if wanted:
             rows = await self._fetch(
-                _GET_MANY, (_json.encode(wanted).decode(), self._projection, collection)
+                self._sql.get_many, (_json.encode(wanted).decode(), self._projection, collection)
             )
             raw: dict[str, str | None] = dict.fromkeys(wanted)
             raw.update(rows)
             for key, doc in raw.items():
                 self._read[(collection, key)] = doc
-                if doc is not None:
-                    found[key] = decode_document(doc)
-        return found
 
     async def put(self, collection: str, key: str, doc: Document) -> None:
         self._check_open()
@@ -374,7 +620,9 @@ class PostgresReadModelTx:
         check_page(limit, after_key)
         await self.flush()  # the staged writes take part in the page
         # Keys are never empty, so '' is below every key.
-        rows = await self._fetch(_LIST, (self._projection, collection, after_key or "", limit))
+        rows = await self._fetch(
+            self._sql.list, (self._projection, collection, after_key or "", limit)
+        )
         return [(key, decode_document(doc)) for key, doc in rows]
 
     async def last_version(self, aggregate_id: str) -> int:
@@ -382,8 +630,8 @@ class PostgresReadModelTx:
         if aggregate_id in self._versions:
             return self._versions[aggregate_id]
         params = (self._projection, aggregate_id)
-        rows = await self._fetch(_LOCK_VERSION, params) or await self._fetch(
-            _CREATE_VERSION, params
+        rows = await self._fetch(self._sql.lock_version, params) or await self._fetch(
+            self._sql.create_version, params
         )
         version = self._versions[aggregate_id] = int(rows[0][0])
         return version
@@ -394,7 +642,7 @@ class PostgresReadModelTx:
         missing = sorted({a for a in aggregate_ids if a not in self._versions})
         if missing:
             rows = await self._fetch(
-                _LOCK_VERSIONS, (self._projection, _json.encode(missing).decode())
+                self._sql.lock_versions, (self._projection, _json.encode(missing).decode())
             )
             self._versions.update((aggregate_id, int(v)) for aggregate_id, v in rows)
         return {a: self._versions[a] for a in aggregate_ids}
@@ -407,6 +655,25 @@ class PostgresReadModelTx:
             self._versions[aggregate_id] = version
             self._staged.add(aggregate_id)
 
+    async def copy(self, statement: str, lines: Iterable[bytes]) -> None:
+        """``COPY ... FROM STDIN`` (text format) of ``lines``, in chunks of about 1 MiB."""
+        self._check_open()
+        try:
+            async with self._conn.cursor().copy(statement) as copy:
+                chunk: list[bytes] = []
+                size = 0
+                for line in lines:
+                    chunk.append(line)
+                    size += len(line)
+                    if size >= 1 << 20:
+                        await copy.write(b"".join(chunk))
+                        chunk, size = [], 0
+                if chunk:
+                    await copy.write(b"".join(chunk))
+        except psycopg.Error as exc:
+            doing = f"a bulk write of {self._projection!r}"
+            raise _translate(exc, doing, self._where, self._schema) from exc
+
     async def flush(self) -> None:
         """Send the staged writes (three statements at most); called before the commit."""
         self._check_open()
@@ -416,13 +683,17 @@ class PostgresReadModelTx:
         ]
         deletes = [{"c": c, "k": k} for (c, k), d in writes.items() if d is None]
         if puts:
-            await self._fetch(_PUT_MANY, (self._projection, _json.encode(puts).decode()))
+            await self._fetch(self._sql.put_many, (self._projection, _json.encode(puts).decode()))
         if deletes:
-            await self._fetch(_DELETE_MANY, (_json.encode(deletes).decode(), self._projection))
+            await self._fetch(
+                self._sql.delete_many, (_json.encode(deletes).decode(), self._projection)
+            )
         staged, self._staged = sorted(self._staged), set()
         if staged:
             versions = [{"a": a, "v": self._versions[a]} for a in staged]
-            await self._fetch(_SET_VERSIONS, (self._projection, _json.encode(versions).decode()))
+            await self._fetch(
+                self._sql.set_versions, (self._projection, _json.encode(versions).decode())
+            )
 
 
 def _translate(exc: BaseException, doing: str, where: str, schema: str) -> StoreError:

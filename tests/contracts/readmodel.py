@@ -12,8 +12,8 @@ from typing import Any
 import anyio
 import pytest
 
-from runtime.errors import InvalidRequestError
-from runtime.store.readmodel import MAX_PAGE, ReadModelStore, ReadModelTx
+from runtime.errors import InvalidRequestError, RebuildInProgressError
+from runtime.store.readmodel import MAX_PAGE, ReadModelStore, ReadModelTx, encode_document
 
 P = "balances"
 
@@ -229,6 +229,24 @@ class ReadModelStoreContract:
             assert await tx.get_many("accounts", []) == {}
             assert await tx.get_many("other", ["a"]) == {}
 
+    async def test_prefetched_documents_read_back_as_gets_do_and_writes_still_win(
+        self, read_models: ReadModelStore
+    ) -> None:
+        await put(read_models, P, "accounts", "a", balance=1)
+        await put(read_models, P, "accounts", "b", balance=2)
+        async with read_models.transaction(P) as tx:
+            await tx.prefetch("accounts", ["a", "b", "nobody", "a"])
+            await tx.prefetch("accounts", [])
+            assert await tx.get("accounts", "a") == {"balance": 1}
+            assert await tx.get("accounts", "nobody") is None
+            await tx.put("accounts", "b", {"balance": 5})
+            assert await tx.get("accounts", "b") == {"balance": 5}
+            await tx.delete("accounts", "a")
+            assert await tx.get("accounts", "a") is None
+            assert await tx.get_many("accounts", ["a", "b"]) == {"b": {"balance": 5}}
+            with pytest.raises(InvalidRequestError, match="key"):
+                await tx.prefetch("accounts", [""])
+
     async def test_last_versions_locks_several_and_sees_staged_versions(
         self, read_models: ReadModelStore
     ) -> None:
@@ -395,3 +413,108 @@ class ReadModelStoreContract:
         with pytest.raises(InvalidRequestError, match="projection"):
             async with read_models.transaction(""):
                 pass
+
+    # --- rebuilds (magasin replay) -----------------------------------------------------------
+
+    async def test_a_rebuild_is_invisible_until_swapped_then_replaces_the_live_one(
+        self, read_models: ReadModelStore
+    ) -> None:
+        await put(read_models, P, "accounts", "old", balance=1)
+        await in_transaction(read_models, lambda tx: tx.set_last_version("old", 4))
+        await put(read_models, "other", "accounts", "kept", balance=9)
+        async with read_models.rebuild(P) as rebuild:
+            assert rebuild.projection == P
+            await rebuild.write(
+                {("accounts", "a"): encode_document("accounts", "a", {"balance": 2})},
+                {"a": 3},
+            )
+            await rebuild.write(
+                {
+                    ("accounts", "b"): encode_document("accounts", "b", {"balance": 5}),
+                    ("accounts", "a"): encode_document("accounts", "a", {"balance": 7}),
+                },
+                {"a": 6, "b": 1},
+            )
+            assert await rebuild.load("accounts", ["a", "b", "zz"]) == {
+                "a": {"balance": 7},
+                "b": {"balance": 5},
+            }
+            assert await rebuild.load_versions(["a", "b", "zz"]) == {"a": 6, "b": 1, "zz": 0}
+            assert [k for k, _ in await rebuild.list("accounts")] == ["a", "b"]
+            # Readers still see the live read model.
+            assert await read_models.get(P, "accounts", "old") == {"balance": 1}
+            assert await read_models.get(P, "accounts", "a") is None
+
+            async def finish(tx: ReadModelTx) -> None:
+                assert await tx.get("accounts", "a") == {"balance": 7}
+                assert await tx.last_version("b") == 1
+                await tx.put("accounts", "c", {"balance": 8})
+                await tx.delete("accounts", "b")
+                await tx.set_last_version("c", 2)
+
+            await rebuild.swap(finish)
+        assert [k for k, _ in await read_models.list(P, "accounts")] == ["a", "c"]
+        assert await read_models.get(P, "accounts", "a") == {"balance": 7}
+        assert await read_models.get("other", "accounts", "kept") == {"balance": 9}
+        async with read_models.transaction(P) as tx:
+            assert await tx.last_versions(["a", "c", "old"]) == {"a": 6, "c": 2, "old": 0}
+        # The swapped-in read model is live: its projection writes as before.
+        await put(read_models, P, "accounts", "d", balance=10)
+        assert await read_models.get(P, "accounts", "d") == {"balance": 10}
+
+    async def test_a_second_rebuild_replaces_the_first_and_deletes_reach_the_rebuild(
+        self, read_models: ReadModelStore
+    ) -> None:
+        for round_ in (1, 2):
+            async with read_models.rebuild(P) as rebuild:
+                await rebuild.write(
+                    {("c", f"k{round_}"): encode_document("c", "k", {"round": round_})}, {}
+                )
+                await rebuild.write({("c", f"k{round_}"): None}, {})
+                await rebuild.write(
+                    {("c", f"r{round_}"): encode_document("c", "r", {"round": round_})}, {}
+                )
+                await rebuild.swap(_nothing)
+            assert await read_models.list(P, "c") == [(f"r{round_}", {"round": round_})]
+
+    async def test_a_rebuild_left_without_swap_changes_nothing_and_can_start_again(
+        self, read_models: ReadModelStore
+    ) -> None:
+        await put(read_models, P, "c", "live", v=1)
+
+        async def abandoned() -> None:
+            async with read_models.rebuild(P) as rebuild:
+                await rebuild.write({("c", "new"): encode_document("c", "new", {"v": 2})}, {})
+                raise Boom
+
+        with pytest.raises(Boom):
+            await abandoned()
+        assert await read_models.list(P, "c") == [("live", {"v": 1})]
+        async with read_models.rebuild(P) as rebuild:
+            assert await rebuild.load("c", ["new"]) == {}, "a rebuild starts empty"
+
+    async def test_a_projection_is_rebuilt_by_one_rebuild_at_a_time(
+        self, read_models: ReadModelStore
+    ) -> None:
+        async with read_models.rebuild(P):
+            with pytest.raises(RebuildInProgressError, match=P):
+                async with read_models.rebuild(P):
+                    pass
+            async with read_models.rebuild("another"):
+                pass
+        async with read_models.rebuild(P):
+            pass
+
+    async def test_a_rebuild_refuses_bad_names(self, read_models: ReadModelStore) -> None:
+        with pytest.raises(InvalidRequestError, match="projection"):
+            async with read_models.rebuild(""):
+                pass
+        async with read_models.rebuild(P) as rebuild:
+            with pytest.raises(InvalidRequestError, match="key"):
+                await rebuild.write({("c", ""): b"{}"}, {})
+            with pytest.raises(InvalidRequestError, match="version"):
+                await rebuild.write({}, {"a": -1})
+
+
+async def _nothing(tx: ReadModelTx) -> None:
+    return None

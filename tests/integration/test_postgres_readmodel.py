@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
+import psycopg
 import pytest
+from psycopg import sql
 
+import runtime.store.migrate as migrate_module
 from runtime.errors import StoreUnavailableError
 from runtime.store.readmodel import open_read_model_store
 from runtime.store.readmodel_postgres import PostgresReadModelStore
@@ -51,3 +55,49 @@ class TestConnections:
             assert isinstance(store, PostgresReadModelStore)
             await put(store, "p", "c", "k", v=1)
             assert await store.get("p", "c", "k") == {"v": 1}
+
+
+class TestPartitionedMigration:
+    async def test_read_models_written_before_0010_are_kept_in_the_partitioned_tables(
+        self, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        schema = f"t_upgrade_{uuid.uuid4().hex[:8]}"
+        everything = migrate_module.migrations()
+        upgrade = next(m for m in everything if m.name == "0010_read_models_partitioned.sql")
+        monkeypatch.setattr(
+            migrate_module,
+            "migrations",
+            lambda: [m for m in everything if m.version < upgrade.version],
+        )
+        try:
+            old = await PostgresReadModelStore.connect(pg_dsn, schema=schema)
+            try:
+                await put(old, "p", "c", "k", v=1)
+                await old.run("p", lambda tx: tx.set_last_version("agg", 3))
+            finally:
+                await old.close()
+            monkeypatch.undo()
+            new = await PostgresReadModelStore.connect(pg_dsn, schema=schema)
+            try:
+                assert await new.get("p", "c", "k") == {"v": 1}
+                async with new.transaction("p") as tx:
+                    assert await tx.last_version("agg") == 3
+                assert await new.find("p", "c", equals={"v": 1}) == [("k", {"v": 1})]
+            finally:
+                await new.close()
+            async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+                cur = await conn.execute(
+                    """SELECT c.relname FROM pg_class c
+                         JOIN pg_namespace n ON n.oid = c.relnamespace
+                        WHERE n.nspname = %s AND c.relkind = 'p' ORDER BY 1""",
+                    (schema,),
+                )
+                assert [r[0] for r in await cur.fetchall()] == [
+                    "projection_versions",
+                    "read_models",
+                ]
+        finally:
+            async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+                await conn.execute(
+                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+                )

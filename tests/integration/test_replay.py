@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +13,17 @@ import msgspec
 import psycopg
 import pytest
 
+from runtime.errors import StoreError
 from runtime.projection import ProjectionHandler
 from runtime.replay import projection_handler, replay
 from runtime.store.memory import MemoryEventStore
 from runtime.store.postgres import PostgresEventStore, connection_string
 from runtime.store.readmodel import ReadModelStore
 from runtime.store.readmodel_memory import MemoryReadModelStore
-from runtime.store.readmodel_postgres import PostgresReadModelStore
+from runtime.store.readmodel_postgres import PostgresReadModelStore, PostgresRebuild
 from runtime.topology import Topology, parse_topology
 from tests.support.complaints import write_complaints
+from tests.support.postgres import terminate_backends
 from tests.support.process import clean_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,15 +76,21 @@ async def dump(read_models: ReadModelStore, projection: str, collections: list[s
     return found
 
 
-@pytest.mark.parametrize(
+PROJECTIONS = pytest.mark.parametrize(
     ("actor", "collections"),
     [
         ("complaint-list", ["complaints"]),
         ("complaint-store-stats", ["stores", "complaints"]),
     ],
 )
+#: Held in memory until the end, or written every few events (and read back from the rebuild).
+BUFFERS = pytest.mark.parametrize("buffer", [500_000, 7])
+
+
+@PROJECTIONS
+@BUFFERS
 async def test_a_replay_equals_the_live_projection_on_the_embedded_store(
-    actor: str, collections: list[str]
+    actor: str, collections: list[str], buffer: int
 ) -> None:
     store = MemoryEventStore()
     read_models = MemoryReadModelStore()
@@ -92,14 +101,61 @@ async def test_a_replay_equals_the_live_projection_on_the_embedded_store(
     before = await dump(read_models, live.projection, collections)
     assert before[collections[0]], "the live projection holds nothing: the test proves nothing"
 
-    report = await replay(top, actor, store=store, read_models=read_models, batch_size=50)
+    report = await replay(
+        top, actor, store=store, read_models=read_models, batch_size=50, buffer=buffer
+    )
 
     assert await dump(read_models, live.projection, collections) == before
-    assert await dump(read_models, live.projection + "~replay", collections) == {
+    assert await dump(read_models, live.projection + "~rebuild", collections) == {
         c: [] for c in collections
     }
     assert report.events_read == len(await every_event(store))
     assert report.events_applied == report.events_read
+
+
+@pytest.mark.integration
+@PROJECTIONS
+async def test_a_replay_on_postgres_equals_the_live_projection_first_and_again(
+    pg_dsn: str, pg_schema: str, actor: str, collections: list[str]
+) -> None:
+    """The first rebuild replaces rows of the default partition, the second the partition
+    the first attached; the second writes every 7 entries (through the staging tables)."""
+    store = await PostgresEventStore.connect(pg_dsn, schema=pg_schema)
+    read_models = await PostgresReadModelStore.connect(pg_dsn, schema=pg_schema)
+    try:
+        await write_complaints(store, 60, seed=13)
+        top = topology(pg_dsn, pg_schema)
+        live = projection_handler(top, actor, store)
+        await project_live(live, store, read_models)
+        before = await dump(read_models, live.projection, collections)
+        assert before[collections[0]], "the live projection holds nothing: the test proves nothing"
+        versions_before = _versions(pg_dsn, pg_schema)
+        for buffer in (500_000, 7):
+            report = await replay(
+                top, actor, store=store, read_models=read_models, batch_size=50, buffer=buffer
+            )
+            assert await dump(read_models, live.projection, collections) == before
+            assert _versions(pg_dsn, pg_schema) == versions_before
+            assert report.events_applied == report.events_read
+        assert _partitions(pg_dsn, pg_schema) == {
+            "read_models": 2,
+            "projection_versions": 2,
+        }, "the default partition and the rebuilt projection's"
+    finally:
+        await read_models.close()
+        await store.close()
+
+
+def _partitions(dsn: str, schema: str) -> dict[str, int]:
+    with psycopg.connect(connection_string(dsn, schema=schema)) as conn:
+        rows = conn.execute(
+            """SELECT parent.relname, count(*) FROM pg_inherits
+                 JOIN pg_class parent ON parent.oid = inhparent
+                 JOIN pg_namespace n ON n.oid = parent.relnamespace
+                WHERE n.nspname = %s AND parent.relkind = 'p' GROUP BY parent.relname""",
+            (schema,),
+        ).fetchall()
+    return {name: count for name, count in rows}
 
 
 @pytest.mark.integration
@@ -141,7 +197,7 @@ async def test_a_replay_on_postgres_equals_the_live_projection_and_keeps_serving
 
 @pytest.mark.integration
 async def test_events_the_live_projection_applies_during_the_replay_are_kept(
-    pg_dsn: str, pg_schema: str
+    pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Written and projected live after the rebuild's last read, before its swap: the swap
     catches up from the store inside its transaction, so they survive it."""
@@ -152,7 +208,7 @@ async def test_events_the_live_projection_applies_during_the_replay_are_kept(
         top = topology(pg_dsn, pg_schema)
         live = projection_handler(top, "complaint-list", store)
         await project_live(live, store, read_models)
-        original = read_models.swap
+        original = PostgresRebuild.swap
         late: list[str] = []
 
         async def swap_after_a_late_write(*args: Any) -> None:
@@ -160,7 +216,7 @@ async def test_events_the_live_projection_applies_during_the_replay_are_kept(
             await project_live(live, store, read_models)
             await original(*args)
 
-        read_models.swap = swap_after_a_late_write  # type: ignore[method-assign]
+        monkeypatch.setattr(PostgresRebuild, "swap", swap_after_a_late_write)
         await replay(top, "complaint-list", store=store, read_models=read_models)
         for complaint_id in late:
             assert await read_models.get("complaints", "complaints", complaint_id) is not None
@@ -231,3 +287,128 @@ def _topology_dict(schema: str) -> dict[str, Any]:
             }
         },
     }
+
+
+@pytest.mark.integration
+async def test_a_replay_beside_a_live_projection_that_keeps_writing_ends_equal_to_the_store(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """Writers and the live projection run throughout the replay and its swap (no deadlock,
+    nothing lost): afterwards the live read model equals a fold of the store into another
+    namespace."""
+    store = await PostgresEventStore.connect(pg_dsn, schema=pg_schema)
+    read_models = await PostgresReadModelStore.connect(pg_dsn, schema=pg_schema, max_size=8)
+    try:
+        await write_complaints(store, 80, seed=21)
+        top = topology(pg_dsn, pg_schema)
+        live = projection_handler(top, "complaint-list", store)
+        await project_live(live, store, read_models)
+        writing = anyio.Event()
+
+        async def writer() -> None:
+            for seed in range(100, 130):
+                await write_complaints(store, 2, seed=seed)
+                await anyio.sleep(0.01)
+            writing.set()
+
+        async def live_projection() -> None:
+            while True:
+                await project_live(live, store, read_models, batch=25)
+                await anyio.sleep(0.01)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer)
+            tg.start_soon(live_projection)
+            await anyio.sleep(0.05)
+            report = await replay(
+                top, "complaint-list", store=store, read_models=read_models, batch_size=40
+            )
+            await writing.wait()
+            tg.cancel_scope.cancel()
+        await project_live(live, store, read_models)
+        reference = projection_handler(top, "complaint-list", store)
+        reference.projection = "complaints-reference"
+        await project_live(reference, store, read_models)
+        folded = await dump(read_models, "complaints-reference", ["complaints"])
+        assert len(folded["complaints"]) == 140
+        assert await dump(read_models, "complaints", ["complaints"]) == folded
+        assert report.events_read > 0
+    finally:
+        await read_models.close()
+        await store.close()
+
+
+@pytest.mark.integration
+async def test_a_replay_whose_connections_are_terminated_leaves_the_live_model_and_reruns(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """``pg_terminate_backend`` on every connection in the middle of a replay: it either
+    survives (the stores reconnect) or fails with a store error; either way the live read
+    model is intact, and a replay run again rebuilds it exactly, leaving no tables behind."""
+    store = await PostgresEventStore.connect(pg_dsn, schema=pg_schema)
+    read_models = await PostgresReadModelStore.connect(pg_dsn, schema=pg_schema)
+    try:
+        await write_complaints(store, 60, seed=31)
+        top = topology(pg_dsn, pg_schema)
+        live = projection_handler(top, "complaint-list", store)
+        await project_live(live, store, read_models)
+        before = await dump(read_models, "complaints", ["complaints"])
+        killed: list[int] = []
+
+        def kill_once(done: int, total: int) -> None:
+            if not killed:
+                killed.append(terminate_backends(pg_dsn))
+
+        with contextlib.suppress(StoreError):
+            await replay(
+                top,
+                "complaint-list",
+                store=store,
+                read_models=read_models,
+                batch_size=20,
+                buffer=30,
+                progress=kill_once,
+            )
+        assert killed, "the replay never reported progress"
+        assert killed[0] >= 1, "no connection was terminated: the test proves nothing"
+        assert await dump(read_models, "complaints", ["complaints"]) == before
+        report = await replay(top, "complaint-list", store=store, read_models=read_models)
+        assert report.events_applied == report.events_read
+        assert await dump(read_models, "complaints", ["complaints"]) == before
+        assert not _rebuild_tables(pg_dsn, pg_schema)
+    finally:
+        await read_models.close()
+        await store.close()
+
+
+@pytest.mark.integration
+async def test_tables_a_killed_replay_left_are_dropped_by_the_next_one(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    read_models = await PostgresReadModelStore.connect(pg_dsn, schema=pg_schema)
+    try:
+        left = PostgresRebuild(read_models, "complaints")  # as a SIGKILLed replay leaves it
+        await left.create()
+        await left.write({("complaints", "ghost"): b'{"id": "ghost"}'}, {"ghost": 1}, new=True)
+        assert _rebuild_tables(pg_dsn, pg_schema)
+        async with read_models.rebuild("complaints") as rebuild:
+            assert await rebuild.load("complaints", ["ghost"]) == {}
+            assert await rebuild.load_versions(["ghost"]) == {"ghost": 0}
+            await rebuild.swap(_nothing)
+        assert await read_models.get("complaints", "complaints", "ghost") is None
+        assert not _rebuild_tables(pg_dsn, pg_schema)
+    finally:
+        await read_models.close()
+
+
+async def _nothing(tx: object) -> None:
+    return None
+
+
+def _rebuild_tables(dsn: str, schema: str) -> list[str]:
+    with psycopg.connect(connection_string(dsn, schema=schema)) as conn:
+        rows = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename LIKE %s",
+            (schema, "%\\_rebuild\\_%"),
+        ).fetchall()
+    return [r[0] for r in rows]
