@@ -105,7 +105,8 @@ def db_migrate(database_url: str | None, schema: str) -> None:
     default=100_000,
     show_default=True,
     help="Documents and versions held in memory before they are written (COPY) in the "
-    "background; at most about twice that is held.",
+    "background; at most about twice that is held, plus the address of every document "
+    "and aggregate written.",
 )
 def replay_command(projection: str, topology_path: str, batch_size: int, buffer: int) -> None:
     """Rebuild PROJECTION (an actor of the topology) from the event store into tables of its

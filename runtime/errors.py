@@ -68,6 +68,17 @@ class RebuildInProgressError(StoreError):
         )
 
 
+class RebuildLockLostError(StoreError):
+    """A rebuild's lock ended with its connection: another rebuild may have started since."""
+
+    def __init__(self, projection: str) -> None:
+        self.projection = projection
+        super().__init__(
+            f"the rebuild of {projection!r} lost its lock (the connection holding it ended); "
+            "nothing of it was swapped in; run the replay again"
+        )
+
+
 class InvalidAppendError(InvalidRequestError):
     """An append request that can never succeed (empty, negative version, bad ids)."""
 

@@ -121,6 +121,8 @@ def bound(topology: Topology, handler: ProjectionHandler) -> Callable[[RecordedE
     return wanted
 
 
+#: Documents (and versions) per write transaction of a replay.
+ROWS_PER_WRITE = 5000
 #: Writes handed over at once: (documents, versions, none written before).
 _Chunk = list[tuple[dict[tuple[str, str], bytes | None], dict[str, int], bool]]
 
@@ -130,11 +132,13 @@ class Fold:
 
     Documents (encoded, as a transaction stages them) and versions are held in memory.
     :meth:`write_behind` hands what changed to a write in the background (one at a time, in
-    order) and forgets everything held, so memory stays bounded while PostgreSQL ingests one
-    chunk as the next is folded; :meth:`flush` writes and waits. An address being written is
-    read from the chunk in flight, one the rebuild holds is read back from it (one read per
-    batch, through ``prefetch`` and ``last_versions``), and one it has never been given is
-    known to be absent without asking. Nothing is locked: nobody else writes a rebuild.
+    order, in transactions of ``ROWS_PER_WRITE`` rows) and forgets everything held, so
+    PostgreSQL ingests one chunk as the next is folded; what stays is the address of every
+    document and aggregate written (a set entry each, not the documents). :meth:`flush`
+    writes and waits. An address being written is read from the chunk in flight, one the
+    rebuild holds is read back from it (one read per batch, through ``prefetch`` and
+    ``last_versions``), and one it has never been given is known to be absent without
+    asking. Nothing is locked: nobody else writes a rebuild.
     """
 
     def __init__(self, rebuild: Rebuild) -> None:
@@ -293,8 +297,16 @@ class Fold:
         return [(docs, versions, new) for docs, versions, new in writes if docs or versions]
 
     async def _write(self, chunk: _Chunk) -> None:
+        # In short transactions: the live relay reads no further than the oldest transaction
+        # open in the cluster, so a long one would hold back every event published meanwhile.
         for documents, versions, new in chunk:
-            await self._rebuild.write(documents, versions, new=new)
+            docs, vers = list(documents.items()), list(versions.items())
+            for start in range(0, max(len(docs), len(vers)), ROWS_PER_WRITE):
+                await self._rebuild.write(
+                    dict(docs[start : start + ROWS_PER_WRITE]),
+                    dict(vers[start : start + ROWS_PER_WRITE]),
+                    new=new,
+                )
         self._writing, self._writing_versions = {}, {}
         self._written.set()
 
@@ -348,7 +360,15 @@ async def replay(
         except BaseExceptionGroup as group:
             if len(group.exceptions) > 1:
                 raise
-            raise group.exceptions[0] from None  # the reader's or a write's own error
+            error = group.exceptions[0]  # the reader's or a write's own, with its cause
+            error.__suppress_context__ = True
+            raise error from error.__cause__
+        # What the store gained while the last chunks were written, folded before the swap
+        # (whose catch-up holds every projection's writes back) so that one has little left.
+        while batch := await store.read_all(checkpoint, batch_size):
+            checkpoint = batch[-1].checkpoint
+            applied += await fold(memory, batch)
+            read += len(batch)
         await memory.flush()
 
         async def catch_up(tx: ReadModelTx) -> None:

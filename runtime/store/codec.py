@@ -157,41 +157,32 @@ class EventCodec:
 
     def decode(self, record: RecordedEvent) -> Envelope[Any]:
         """The record with its payload typed (and upcast) and its type name made current."""
-        current = self._decoders.get(record.event_type)
-        if current is not None and record.metadata.schema_version == current[1]:
+        event_type, metadata = record.event_type, record.metadata
+        current = self._decoders.get(event_type)
+        if current is not None and metadata.schema_version == current[1]:
             # Stored in the current shape (the common case): nothing to rename or upcast.
             try:
-                typed = current[0].decode(record.data)
+                payload = current[0].decode(record.data)
             except msgspec.DecodeError as exc:
-                raise EventDecodeError(record.event_id, record.event_type, str(exc)) from exc
-            return Envelope(
-                event_id=record.event_id,
-                event_type=record.event_type,
-                aggregate_type=record.aggregate_type,
-                aggregate_id=record.aggregate_id,
-                version=record.version,
-                position=record.position,
-                tx_id=record.tx_id,
-                payload=typed,
-                metadata=record.metadata,
-                created_at=record.created_at,
+                raise EventDecodeError(record.event_id, event_type, str(exc)) from exc
+        else:
+            payload = self._upcast(
+                record.event_id, event_type, metadata.schema_version, record.data
             )
-        payload = self.decode_payload(
-            record.event_id, record.event_type, record.metadata.schema_version, record.data
-        )
-        payload_type = type(payload)
+            event_type = event_type_of(type(payload))
+            metadata = msgspec.structs.replace(
+                metadata, schema_version=schema_version_of(type(payload))
+            )
         return Envelope(
             event_id=record.event_id,
-            event_type=event_type_of(payload_type),
+            event_type=event_type,
             aggregate_type=record.aggregate_type,
             aggregate_id=record.aggregate_id,
             version=record.version,
             position=record.position,
             tx_id=record.tx_id,
             payload=payload,
-            metadata=msgspec.structs.replace(
-                record.metadata, schema_version=schema_version_of(payload_type)
-            ),
+            metadata=metadata,
             created_at=record.created_at,
         )
 

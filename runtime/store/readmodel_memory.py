@@ -66,17 +66,53 @@ class MemoryReadModelStore:
         self._versions: dict[tuple[str, str], int] = {}
         self._locks = _KeyedLocks()
         self._rebuilding: set[str] = set()
+        self._open: dict[str, int] = {}  # projection -> transactions open
+        self._swapping: dict[str, anyio.Event] = {}  # projection -> set once swapped
+        self._drained: dict[str, anyio.Event] = {}  # projection -> set once none is open
 
     @asynccontextmanager
     async def transaction(self, projection: str) -> AsyncIterator[ReadModelTx]:
         check_name("projection", projection)
+        while (swapped := self._swapping.get(projection)) is not None:
+            await swapped.wait()  # a rebuild is being swapped in: write on what it gives
+        self._open[projection] = self._open.get(projection, 0) + 1
         tx = MemoryReadModelTx(self, projection)
         try:
-            yield tx
-        except BaseException:
-            tx.end(commit=False)
-            raise
-        tx.end(commit=True)
+            try:
+                yield tx
+            except BaseException:
+                tx.end(commit=False)
+                raise
+            tx.end(commit=True)
+        finally:
+            self._open[projection] -= 1
+            if not self._open[projection]:
+                del self._open[projection]
+                drained = self._drained.pop(projection, None)
+                if drained is not None:
+                    drained.set()
+
+    async def _swap_in(
+        self, live: str, shadow: str, finish: Callable[[ReadModelTx], Awaitable[object]]
+    ) -> None:
+        """``MemoryRebuild.swap``: new transactions of ``live`` wait, open ones finish first."""
+        swapped = self._swapping[live] = anyio.Event()
+        try:
+            while self._open.get(live):
+                drained = self._drained[live] = anyio.Event()
+                await drained.wait()
+            async with self.transaction(shadow) as tx:
+                await finish(tx)
+            await self.drop(live)
+            for projection, collection in [k for k in self._docs if k[0] == shadow]:
+                self._docs[(live, collection)] = self._docs.pop((projection, collection))
+            for projection, aggregate_id in [k for k in self._versions if k[0] == shadow]:
+                self._versions[(live, aggregate_id)] = self._versions.pop(
+                    (projection, aggregate_id)
+                )
+        finally:
+            del self._swapping[live]
+            swapped.set()
 
     async def run(self, projection: str, work: Callable[[ReadModelTx], Awaitable[T]]) -> T:
         async with self.transaction(projection) as tx:
@@ -321,14 +357,7 @@ class MemoryRebuild:
             self._store._versions[(self.shadow, aggregate_id)] = version
 
     async def swap(self, finish: Callable[[ReadModelTx], Awaitable[object]]) -> None:
-        store, live, shadow = self._store, self.projection, self.shadow
-        async with store.transaction(shadow) as tx:
-            await finish(tx)
-        await store.drop(live)
-        for projection, collection in [k for k in store._docs if k[0] == shadow]:
-            store._docs[(live, collection)] = store._docs.pop((projection, collection))
-        for projection, aggregate_id in [k for k in store._versions if k[0] == shadow]:
-            store._versions[(live, aggregate_id)] = store._versions.pop((projection, aggregate_id))
+        await self._store._swap_in(self.projection, self.shadow, finish)
 
 
 def matches(

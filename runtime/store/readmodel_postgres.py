@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any, TypeVar
@@ -36,6 +37,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from runtime.errors import (
     InvalidRequestError,
     RebuildInProgressError,
+    RebuildLockLostError,
     StoreError,
     StoreUnavailableError,
 )
@@ -100,6 +102,13 @@ _DELETE_MANY = """
 DELETE FROM {docs} AS r USING jsonb_to_recordset(%s::jsonb) AS t (c text, k text)
  WHERE r.projection = %s AND r.collection = t.c AND r.key = t.k"""
 _json = msgspec.json.Encoder()
+# Whether backend %s (a rebuild's guard connection) still holds the advisory lock %s.
+_GUARD_HOLDS = """
+SELECT EXISTS (
+  SELECT 1 FROM pg_locks
+   WHERE locktype = 'advisory' AND granted AND pid = %s
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+     AND ((classid::bigint << 32) | objid::bigint) = hashtextextended(%s, 0))"""
 
 
 def _quote(name: str) -> str:
@@ -296,9 +305,12 @@ class PostgresReadModelStore:
     @asynccontextmanager
     async def rebuild(self, projection: str) -> AsyncIterator[Rebuild]:
         check_name("projection", projection)
-        lock = hashlib.sha256(f"magasin.rebuild\x1f{projection}".encode()).hexdigest()
+        lock = hashlib.sha256(
+            f"magasin.rebuild\x1f{self._schema}\x1f{projection}".encode()
+        ).hexdigest()
         try:
-            # A session lock, held by a connection of its own for the whole rebuild.
+            # A session lock, held by a connection of its own for the whole rebuild; every
+            # write and the swap check that it still holds it.
             guard = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
         except psycopg.Error as exc:
             raise _translate(exc, "opening a rebuild", self._where, self._schema) from exc
@@ -309,7 +321,7 @@ class PostgresReadModelStore:
             row = await cur.fetchone()
             if not row or not row[0]:
                 raise RebuildInProgressError(projection)
-            rebuild = PostgresRebuild(self, projection)
+            rebuild = PostgresRebuild(self, projection, lock, guard.pgconn.backend_pid)
             await rebuild.create()
             try:
                 yield rebuild
@@ -329,17 +341,29 @@ class PostgresReadModelStore:
 
 
 class PostgresRebuild:
-    """A rebuild in two tables of its own, ``read_models_rebuild_<digest>`` and
-    ``projection_versions_rebuild_<digest>``: rows under the live projection's name (a CHECK
-    says so), written with COPY, and attached by ``swap`` as that projection's partitions of
-    ``read_models`` and ``projection_versions`` (``sql/0010``), which takes no rewrite."""
+    """A rebuild in two tables of its own, ``read_models_rebuild_<digest>_<random>`` and
+    ``projection_versions_rebuild_<digest>_<random>``: rows under the live projection's name
+    (a CHECK says so), written with COPY, and attached by ``swap`` as that projection's
+    partitions of ``read_models`` and ``projection_versions`` (``sql/0010``), named
+    ``..._p_<digest>``, which takes no rewrite. ``lock`` names the advisory lock its guard
+    connection (backend ``guard``) holds (``PostgresReadModelStore.rebuild``)."""
 
-    def __init__(self, store: PostgresReadModelStore, projection: str) -> None:
+    def __init__(
+        self, store: PostgresReadModelStore, projection: str, lock: str, guard: int
+    ) -> None:
         self._store = store
         self.projection = projection
+        self._lock = lock
+        self._guard = guard
         digest = hashlib.sha256(projection.encode()).hexdigest()[:20]
+        self._leftovers = (
+            f"read_models_rebuild_{digest}_%",
+            f"projection_versions_rebuild_{digest}_%",
+        )
+        suffix = secrets.token_hex(4)  # never the tables of another rebuild, even a lost one
         self._sql = _Statements(
-            f"read_models_rebuild_{digest}", f"projection_versions_rebuild_{digest}"
+            f"read_models_rebuild_{digest}_{suffix}",
+            f"projection_versions_rebuild_{digest}_{suffix}",
         )
         # (parent, this rebuild's table, the name of the projection's partition once attached)
         self._tables = (
@@ -347,15 +371,30 @@ class PostgresRebuild:
             ("projection_versions", self._sql.versions, f"projection_versions_p_{digest}"),
         )
 
-    async def _run(self, work: Callable[[PostgresReadModelTx], Awaitable[T]]) -> T:
+    async def _run(
+        self, work: Callable[[PostgresReadModelTx], Awaitable[T]], *, guarded: bool = False
+    ) -> T:
         async with self._store._session(
             self.projection, transactional=True, statements=self._sql
         ) as tx:
+            if guarded and not (await tx._fetch(_GUARD_HOLDS, (self._guard, self._lock)))[0][0]:
+                raise RebuildLockLostError(self.projection)
             return await work(tx)
 
     async def create(self) -> None:
-        """Drop what an interrupted rebuild left, create the tables, empty."""
-        await self.discard()
+        """Drop what an interrupted rebuild of the projection left (it holds the lock, so no
+        other rebuild of it runs), create the tables, empty."""
+
+        async def drop_leftovers(tx: PostgresReadModelTx) -> None:
+            rows = await tx._fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+                " AND (tablename LIKE %s OR tablename LIKE %s)",
+                self._leftovers,
+            )
+            for (table,) in rows:
+                await tx._fetch(f"DROP TABLE IF EXISTS {_quote(table)}", ())
+
+        await self._run(drop_leftovers)
         live = _literal(self.projection)
         docs, versions = _quote(self._sql.docs), _quote(self._sql.versions)
 
@@ -461,7 +500,7 @@ class PostgresRebuild:
                     tx._sql.delete_many, (_json.encode(deletes).decode(), self.projection)
                 )
 
-        await self._run(write)
+        await self._run(write, guarded=True)
 
     async def swap(self, finish: Callable[[ReadModelTx], Awaitable[object]]) -> None:
         async def prepare(tx: PostgresReadModelTx) -> None:
@@ -470,7 +509,7 @@ class PostgresRebuild:
             for _, build, _ in self._tables:
                 await tx._fetch(f"ANALYZE {_quote(build)}", ())
 
-        await self._run(prepare)
+        await self._run(prepare, guarded=True)
 
         async def attach(tx: PostgresReadModelTx) -> None:
             await tx._fetch("SET LOCAL statement_timeout = 0", ())
@@ -500,7 +539,7 @@ class PostgresRebuild:
                 )
                 await tx._fetch(f"ALTER TABLE {_quote(build)} RENAME TO {_quote(partition)}", ())
 
-        await self._run(attach)
+        await self._run(attach, guarded=True)
 
 
 def _literal(text: str) -> str:

@@ -462,6 +462,32 @@ class ReadModelStoreContract:
         await put(read_models, P, "accounts", "d", balance=10)
         assert await read_models.get(P, "accounts", "d") == {"balance": 10}
 
+    async def test_a_live_transaction_open_across_the_swap_is_not_written_over_it(
+        self, read_models: ReadModelStore
+    ) -> None:
+        """The swap waits for an open transaction of the projection (which, as a
+        projection's does, locks its aggregate's version first), then replaces what it wrote."""
+        await put(read_models, P, "c", "k", shape="old")
+        live_open, swapping = anyio.Event(), anyio.Event()
+
+        async def live() -> None:
+            async with read_models.transaction(P) as tx:
+                await tx.last_version("agg")
+                await tx.put("c", "k", {"shape": "live"})
+                live_open.set()
+                await swapping.wait()
+                await anyio.sleep(0.2)  # the swap has started and must wait for this commit
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(live)
+            await live_open.wait()
+            async with read_models.rebuild(P) as rebuild:
+                await rebuild.write({("c", "k"): encode_document("c", "k", {"shape": "new"})}, {})
+                swapping.set()
+                with anyio.fail_after(10):
+                    await rebuild.swap(_nothing)
+        assert await read_models.get(P, "c", "k") == {"shape": "new"}
+
     async def test_a_second_rebuild_replaces_the_first_and_deletes_reach_the_rebuild(
         self, read_models: ReadModelStore
     ) -> None:

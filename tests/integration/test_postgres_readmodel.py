@@ -10,8 +10,8 @@ import pytest
 from psycopg import sql
 
 import runtime.store.migrate as migrate_module
-from runtime.errors import StoreUnavailableError
-from runtime.store.readmodel import open_read_model_store
+from runtime.errors import RebuildLockLostError, StoreUnavailableError
+from runtime.store.readmodel import encode_document, open_read_model_store
 from runtime.store.readmodel_postgres import PostgresReadModelStore
 from tests.contracts.readmodel import ReadModelStoreContract, put
 from tests.support.postgres import terminate_backends
@@ -101,3 +101,50 @@ class TestPartitionedMigration:
                 await conn.execute(
                     sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
                 )
+
+
+def _kill_rebuild_guards(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                WHERE query LIKE '%%pg_try_advisory_lock%%' AND pid <> pg_backend_pid()
+                  AND datname = current_database()"""
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+class TestRebuildLocks:
+    async def test_a_rebuild_that_lost_its_lock_writes_and_swaps_nothing(
+        self, pg_read_models: PostgresReadModelStore, pg_dsn: str
+    ) -> None:
+        await put(pg_read_models, "p", "c", "live", v=1)
+        async with pg_read_models.rebuild("p") as first:
+            await first.write({("c", "a"): encode_document("c", "a", {"v": 2})}, {}, new=True)
+            assert _kill_rebuild_guards(pg_dsn) == 1
+            with pytest.raises(RebuildLockLostError, match="'p'"):
+                await first.write({("c", "b"): encode_document("c", "b", {"v": 3})}, {})
+            async with pg_read_models.rebuild("p") as second:  # the lock is free again
+                assert await second.load("c", ["a"]) == {}
+                await second.write({("c", "s"): encode_document("c", "s", {"v": 4})}, {})
+                with pytest.raises(RebuildLockLostError):
+                    await first.swap(_nothing)
+                await second.swap(_nothing)
+        assert await pg_read_models.list("p", "c") == [("s", {"v": 4})]
+
+    async def test_the_same_projection_rebuilds_in_two_schemas_at_once(
+        self, pg_read_models: PostgresReadModelStore, pg_dsn: str, pg_schema: str
+    ) -> None:
+        other = await PostgresReadModelStore.connect(pg_dsn, schema=pg_schema + "_b")
+        try:
+            async with pg_read_models.rebuild("p"), other.rebuild("p"):
+                pass
+        finally:
+            await other.close()
+            async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+                await conn.execute(
+                    sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(pg_schema + "_b"))
+                )
+
+
+async def _nothing(tx: object) -> None:
+    return None

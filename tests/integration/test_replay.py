@@ -12,6 +12,7 @@ import anyio
 import msgspec
 import psycopg
 import pytest
+from psycopg import sql
 
 from runtime.errors import StoreError
 from runtime.projection import ProjectionHandler
@@ -387,9 +388,15 @@ async def test_tables_a_killed_replay_left_are_dropped_by_the_next_one(
 ) -> None:
     read_models = await PostgresReadModelStore.connect(pg_dsn, schema=pg_schema)
     try:
-        left = PostgresRebuild(read_models, "complaints")  # as a SIGKILLed replay leaves it
+        left = PostgresRebuild(read_models, "complaints", "lock", 0)  # as a killed replay left it
         await left.create()
-        await left.write({("complaints", "ghost"): b'{"id": "ghost"}'}, {"ghost": 1}, new=True)
+        with psycopg.connect(connection_string(pg_dsn, schema=pg_schema)) as conn:
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (projection, collection, key, doc)"
+                    " VALUES ('complaints', 'complaints', 'ghost', '{{}}')"
+                ).format(sql.Identifier(left._sql.docs))
+            )
         assert _rebuild_tables(pg_dsn, pg_schema)
         async with read_models.rebuild("complaints") as rebuild:
             assert await rebuild.load("complaints", ["ghost"]) == {}

@@ -7,7 +7,9 @@
 -- and attaches its table as the partition FOR VALUES IN (<projection>). Queries and writes
 -- name the parent tables only; PostgreSQL prunes to the projection's partition.
 --
--- Existing rows are copied over; the old tables are dropped.
+-- Existing rows are copied over (with no statement timeout: a big database takes a while);
+-- the old tables are dropped, and with them any GRANT made on them.
+SET LOCAL statement_timeout = 0;
 ALTER TABLE read_models RENAME TO read_models_unpartitioned;
 ALTER INDEX read_models_pkey RENAME TO read_models_unpartitioned_pkey;
 ALTER INDEX read_models_doc RENAME TO read_models_unpartitioned_doc;
