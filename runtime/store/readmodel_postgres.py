@@ -56,6 +56,7 @@ from runtime.store.readmodel import (
 
 T = TypeVar("T")
 AsyncConn = psycopg.AsyncConnection[Any]
+_Rows = list[tuple[Any, ...]]
 
 _GET = "SELECT doc::text FROM {docs} WHERE projection = %s AND collection = %s AND key = %s"
 _LOCK_DOC = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
@@ -355,7 +356,7 @@ class PostgresRebuild:
         self.projection = projection
         self._lock = lock
         self._guard = guard
-        digest = hashlib.sha256(projection.encode()).hexdigest()[:20]
+        digest = self._digest = hashlib.sha256(projection.encode()).hexdigest()[:20]
         self._leftovers = (
             f"read_models_rebuild_{digest}_%",
             f"projection_versions_rebuild_{digest}_%",
@@ -510,6 +511,8 @@ class PostgresRebuild:
                 await tx._fetch(f"ANALYZE {_quote(build)}", ())
 
         await self._run(prepare, guarded=True)
+        if await self._run(self._partitioned):
+            await self._keep_out_of_default()
 
         async def attach(tx: PostgresReadModelTx) -> None:
             await tx._fetch("SET LOCAL statement_timeout = 0", ())
@@ -540,6 +543,43 @@ class PostgresRebuild:
                 await tx._fetch(f"ALTER TABLE {_quote(build)} RENAME TO {_quote(partition)}", ())
 
         await self._run(attach, guarded=True)
+        await self._keep_out_of_default()  # for the next rebuild of this projection
+
+    async def _partitioned(self, tx: PostgresReadModelTx) -> bool:
+        """Whether the projection has partitions of its own (it was rebuilt before)."""
+        rows = await tx._fetch("SELECT to_regclass(%s) IS NOT NULL", (self._tables[0][2],))
+        return bool(rows[0][0])
+
+    async def _keep_out_of_default(self) -> None:
+        """A validated ``CHECK (projection <> <this one>)`` on each default partition: with
+        it, ATTACH need not scan the default partition (under the swap's locks) to prove it
+        holds no row of the projection. Added NOT VALID (a catalog change), then validated
+        in a transaction of its own, which scans without blocking reads or writes."""
+        live = _literal(self.projection)
+        for parent, _, _ in self._tables:
+            default, name = f"{parent}_default", f"{parent}_default_not_{self._digest}"
+            found = await self._statement(
+                "SELECT convalidated FROM pg_constraint WHERE conname = %s"
+                " AND conrelid = to_regclass(%s)",
+                (name, default),
+            )
+            if not found:
+                await self._statement(
+                    f"ALTER TABLE {_quote(default)} ADD CONSTRAINT {_quote(name)}"
+                    f" CHECK (projection <> {live}) NOT VALID"
+                )
+            if not found or not found[0][0]:
+                await self._statement(
+                    f"ALTER TABLE {_quote(default)} VALIDATE CONSTRAINT {_quote(name)}"
+                )
+
+    async def _statement(self, statement: str, params: tuple[Any, ...] = ()) -> _Rows:
+        """One statement in a transaction of its own."""
+
+        async def run(tx: PostgresReadModelTx) -> _Rows:
+            return await tx._fetch(statement, params)
+
+        return await self._run(run)
 
 
 def _literal(text: str) -> str:

@@ -142,9 +142,28 @@ async def test_a_replay_on_postgres_equals_the_live_projection_first_and_again(
             "read_models": 2,
             "projection_versions": 2,
         }, "the default partition and the rebuilt projection's"
+        assert _default_exclusions(pg_dsn, pg_schema) == [
+            ("projection_versions_default", True),
+            ("read_models_default", True),
+        ], "no validated CHECK keeps the projection out of the default partitions"
     finally:
         await read_models.close()
         await store.close()
+
+
+def _default_exclusions(dsn: str, schema: str) -> list[tuple[str, bool]]:
+    """The CHECK constraints on the default partitions (which spare ATTACH its scan)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            """SELECT t.relname, c.convalidated FROM pg_constraint c
+                 JOIN pg_class t ON t.oid = c.conrelid
+                 JOIN pg_namespace n ON n.oid = t.relnamespace
+                WHERE n.nspname = %s AND t.relname LIKE '%%\\_default' AND c.contype = 'c'
+                  AND pg_get_constraintdef(c.oid) LIKE '%%<>%%'
+                ORDER BY 1""",
+            (schema,),
+        ).fetchall()
+    return [(name, valid) for name, valid in rows]
 
 
 def _partitions(dsn: str, schema: str) -> dict[str, int]:
