@@ -122,7 +122,7 @@ def bound(topology: Topology, handler: ProjectionHandler) -> Callable[[RecordedE
 
 
 #: Documents (and versions) per write transaction of a replay.
-ROWS_PER_WRITE = 5000
+ROWS_PER_WRITE = 2000
 #: Writes handed over at once: (documents, versions, none written before).
 _Chunk = list[tuple[dict[tuple[str, str], bytes | None], dict[str, int], bool]]
 
