@@ -131,8 +131,9 @@ class Rebuild(Protocol):
     async def swap(self, finish: Callable[[ReadModelTx], Awaitable[object]]) -> None:
         """Make this read model the live one, atomically: readers see the old one until the
         commit, then this one. ``finish`` runs first, in the same transaction, on this read
-        model (to apply what the live projection applied meanwhile); while it runs, every
-        projection's writes wait."""
+        model (to apply what the live projection applied meanwhile). The swap waits for the
+        projection's open transactions, and new ones wait for the swap (PostgreSQL holds
+        back every projection's writes, and queries for the swap's last statements)."""
         ...
 
 
