@@ -56,8 +56,12 @@ T = TypeVar("T")
 NOTIFIED_RETRY_MAX = 0.02
 AsyncConn = psycopg.AsyncConnection[Any]
 
+# Read in binary (``_read``): UUIDs, integers and times arrive without text parsing, and the
+# JSON documents as bytes. The aliases must not be column names: ORDER BY would bind to them.
 _COLUMNS = """event_id, event_type, aggregate_type, aggregate_id, version, position,
-              tx_id::text AS tx_text, event_data::text, metadata::text, created_at"""
+              tx_id::text::bigint AS tx_number,
+              convert_to(event_data::text, 'UTF8') AS data_bytes,
+              convert_to(metadata::text, 'UTF8') AS metadata_bytes, created_at"""
 
 # Rows are returned in (tx_id, position) order, and only those of transactions older than
 # every transaction still running: a transaction that is open now may still commit rows
@@ -65,14 +69,14 @@ _COLUMNS = """event_id, event_type, aggregate_type, aggregate_id, version, posit
 # skipping its rows. Nothing is ever skipped on a timer.
 _READ_ALL = f"""
 SELECT {_COLUMNS} FROM event_store
- WHERE (tx_id, position) > (%s::text::xid8, %s)
+ WHERE (tx_id, position) > (%s::text::xid8, %s::bigint)
    AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
  ORDER BY tx_id, position
- LIMIT %s"""
+ LIMIT %s::integer"""
 
 _READ_STREAM = f"""
 SELECT {_COLUMNS} FROM event_store
- WHERE aggregate_id = %s AND aggregate_type = %s AND version >= %s
+ WHERE aggregate_id = %s AND aggregate_type = %s AND version >= %s::integer
  ORDER BY version"""
 
 # Arrays go in binary: psycopg's text-array quoting costs ~20 us per JSON document.
@@ -95,7 +99,7 @@ def describe_dsn(dsn: str) -> str:
 
 def _row_to_event(row: tuple[Any, ...]) -> RecordedEvent:
     event_id, event_type, aggregate_type, aggregate_id, version, position = row[:6]
-    tx_text, data, metadata, created_at = row[6:]
+    tx_id, data, metadata, created_at = row[6:]
     return RecordedEvent(
         event_id=event_id,
         event_type=event_type,
@@ -103,11 +107,18 @@ def _row_to_event(row: tuple[Any, ...]) -> RecordedEvent:
         aggregate_id=aggregate_id,
         version=version,
         position=position,
-        tx_id=int(tx_text),
-        data=data.encode(),
+        tx_id=tx_id,
+        data=data,
         metadata=decode_metadata(metadata),
         created_at=created_at,
     )
+
+
+async def _read(conn: AsyncConn, query: str, params: tuple[Any, ...]) -> list[RecordedEvent]:
+    """Events of ``query`` (selecting ``_COLUMNS``), read with binary results."""
+    cur = conn.cursor(binary=True)
+    await cur.execute(query, params)
+    return [_row_to_event(row) for row in await cur.fetchall()]
 
 
 class PostgresEventStore:
@@ -308,10 +319,9 @@ class PostgresEventStore:
         check_read_args(1, from_version)
 
         async def work(conn: AsyncConn) -> list[RecordedEvent]:
-            cur = await conn.execute(
-                _READ_STREAM, (stream.aggregate_id, stream.aggregate_type, from_version)
+            return await _read(
+                conn, _READ_STREAM, (stream.aggregate_id, stream.aggregate_type, from_version)
             )
-            return [_row_to_event(row) for row in await cur.fetchall()]
 
         return await self._run("read_stream", work)
 
@@ -337,8 +347,7 @@ class PostgresEventStore:
         check_read_args(limit)
 
         async def work(conn: AsyncConn) -> list[RecordedEvent]:
-            cur = await conn.execute(_READ_ALL, (str(after.tx_id), after.position, limit))
-            return [_row_to_event(row) for row in await cur.fetchall()]
+            return await _read(conn, _READ_ALL, (str(after.tx_id), after.position, limit))
 
         return await self._run("read_all", work)
 
