@@ -335,6 +335,14 @@ async def replay(
     async def fold(tx: ReadModelTx, batch: Sequence[RecordedEvent]) -> int:
         return await handler.project_all(tx, [r for r in batch if wanted(r)])
 
+    async def catch_up(tx: ReadModelTx) -> None:
+        """Fold what the store holds past ``checkpoint`` into ``tx``."""
+        nonlocal checkpoint, read, applied
+        while batch := await store.read_all(checkpoint, batch_size):
+            checkpoint = batch[-1].checkpoint
+            applied += await fold(tx, batch)
+            read += len(batch)
+
     # The next batch is read from the store while this one is folded.
     send, receive = anyio.create_memory_object_stream[list[RecordedEvent]](1)
 
@@ -365,18 +373,8 @@ async def replay(
             raise error from error.__cause__
         # What the store gained while the last chunks were written, folded before the swap
         # (whose catch-up holds every projection's writes back) so that one has little left.
-        while batch := await store.read_all(checkpoint, batch_size):
-            checkpoint = batch[-1].checkpoint
-            applied += await fold(memory, batch)
-            read += len(batch)
+        await catch_up(memory)
         await memory.flush()
-
-        async def catch_up(tx: ReadModelTx) -> None:
-            nonlocal checkpoint, read, applied
-            while batch := await store.read_all(checkpoint, batch_size):
-                checkpoint = batch[-1].checkpoint
-                applied += await fold(tx, batch)
-                read += len(batch)
 
         await rebuild.swap(catch_up)
     report = ReplayReport(live, read, applied, time.perf_counter() - started)

@@ -420,7 +420,7 @@ class PostgresRebuild:
 
     async def discard(self) -> None:
         tables = ", ".join(_quote(build) for _, build, _ in self._tables)
-        await self._run(lambda tx: tx._fetch(f"DROP TABLE IF EXISTS {tables}", ()))
+        await self._statement(f"DROP TABLE IF EXISTS {tables}")
 
     async def load(self, collection: str, keys: Sequence[str]) -> dict[str, Document]:
         return await self._run(lambda tx: tx.get_many(collection, keys))
@@ -511,7 +511,10 @@ class PostgresRebuild:
                 await tx._fetch(f"ANALYZE {_quote(build)}", ())
 
         await self._run(prepare, guarded=True)
-        if await self._run(self._partitioned):
+        # Whether it was rebuilt before: only rebuilds of it (which hold its lock) change that.
+        found = await self._statement("SELECT to_regclass(%s) IS NOT NULL", (self._tables[0][2],))
+        partitioned = bool(found[0][0])
+        if partitioned:
             await self._keep_out_of_default()
 
         async def attach(tx: PostgresReadModelTx) -> None:
@@ -529,8 +532,7 @@ class PostgresRebuild:
             )
             live = _literal(self.projection)
             for parent, build, partition in self._tables:
-                rows = await tx._fetch("SELECT to_regclass(%s) IS NOT NULL", (partition,))
-                if rows[0][0]:  # rebuilt before: the old partition goes
+                if partitioned:  # rebuilt before: the old partition goes
                     await tx._fetch(f"DROP TABLE {_quote(partition)}", ())
                 else:  # first rebuild: its rows are in the default partition
                     await tx._fetch(
@@ -543,12 +545,8 @@ class PostgresRebuild:
                 await tx._fetch(f"ALTER TABLE {_quote(build)} RENAME TO {_quote(partition)}", ())
 
         await self._run(attach, guarded=True)
-        await self._keep_out_of_default()  # for the next rebuild of this projection
-
-    async def _partitioned(self, tx: PostgresReadModelTx) -> bool:
-        """Whether the projection has partitions of its own (it was rebuilt before)."""
-        rows = await tx._fetch("SELECT to_regclass(%s) IS NOT NULL", (self._tables[0][2],))
-        return bool(rows[0][0])
+        if not partitioned:
+            await self._keep_out_of_default()  # for the next rebuild of this projection
 
     async def _keep_out_of_default(self) -> None:
         """A validated ``CHECK (projection <> <this one>)`` on each default partition: with
