@@ -8,7 +8,7 @@ draw the tree of one request from ``GET /audit?correlation_id=...``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated
 
 import msgspec
@@ -18,6 +18,7 @@ from litestar.types import ControllerRouterHandler
 
 from runtime.http import problem, problem_responses
 from runtime.store.audit import AuditLog, AuditQuery, AuditRecord
+from runtime.store.protocol import as_utc
 
 MAX_LIMIT = 1000
 
@@ -77,8 +78,8 @@ def audit_routes(log: Callable[[], AuditLog]) -> list[ControllerRouterHandler]:
             correlation_id=correlation_id,
             aggregate_id=aggregate_id,
             user=user,
-            since=_aware(from_),
-            until=_aware(to),
+            since=None if from_ is None else as_utc(from_),
+            until=None if to is None else as_utc(to),
             after_seq=int(cursor or 0),
             limit=limit,
         )
@@ -87,8 +88,3 @@ def audit_routes(log: Callable[[], AuditLog]) -> list[ControllerRouterHandler]:
         return AuditPage(items=[item(r) for r in found], next_cursor=next_cursor)
 
     return [audit]
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    """A time without a zone is taken as UTC."""
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value

@@ -30,7 +30,13 @@ from actors.resolution_saga.messages import (
 )
 from runtime.actor import ActorContext, decode_body
 from runtime.bus.protocol import X_ORDERING_KEY, Delivery
-from runtime.messages import X_AGGREGATE_ID, X_AGGREGATE_TYPE, X_CAUSATION_ID, X_EVENT_TYPE
+from runtime.messages import (
+    X_AGGREGATE_ID,
+    X_AGGREGATE_TYPE,
+    X_CAUSATION_ID,
+    X_CORRELATION_ID,
+    X_EVENT_TYPE,
+)
 from runtime.projection import ReadModelOwner
 from runtime.store.readmodel import ReadModelTx
 from runtime.topology import parse_duration
@@ -88,7 +94,7 @@ class Payments(ReadModelOwner):
                 X_ORDERING_KEY: request.saga_id,  # with the complaint's events
                 X_AGGREGATE_TYPE: "payment",
                 X_EVENT_TYPE: "PaymentCompleted" if result.ok else "PaymentFailed",
-                "x-correlation-id": delivery.headers.get("x-correlation-id"),
+                X_CORRELATION_ID: delivery.headers.get(X_CORRELATION_ID),
             },
         )
 

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, Literal
+from uuid import UUID
 
 import msgspec
 from loguru import logger
@@ -530,7 +531,7 @@ class ComplaintResolutionSaga(ReadModelOwner):
 
     # --- effects ---------------------------------------------------------------------------
 
-    def _command_id(self, saga: Saga, purpose: str) -> object:
+    def _command_id(self, saga: Saga, purpose: str) -> UUID:
         return deterministic_id(saga.saga_id, f"command:{purpose}")
 
     async def _command(
@@ -545,7 +546,7 @@ class ComplaintResolutionSaga(ReadModelOwner):
         request = CommandRequest(
             aggregate_id=saga.complaint_id,
             command=msgspec.Raw(msgspec.json.encode(command)),
-            command_id=deterministic_id(saga.saga_id, f"command:{purpose}"),
+            command_id=self._command_id(saga, purpose),
             correlation_id=saga.correlation,
             causation_id=str(causation),
             user=SAGA_USER,
@@ -642,9 +643,10 @@ class ComplaintResolutionSaga(ReadModelOwner):
             X_OCCURRED_AT: _now().isoformat(),
         }
 
-    async def _finish(self, saga: Saga, state: str, causation: object) -> None:
-        assert state in {"completed", "compensated"}
-        saga.move("completed" if state == "completed" else "compensated", _now())
+    async def _finish(
+        self, saga: Saga, state: Literal["completed", "compensated"], causation: object
+    ) -> None:
+        saga.move(state, _now())
         self.context.metrics.saga_executions_total.inc({"saga": SAGA_TYPE, "outcome": state})
         await self._publish_event(saga, state, causation)
 

@@ -133,10 +133,9 @@ def sla_for(priority: str, table: dict[str, float]) -> timedelta:
 
 
 def least_loaded(agents: list[str], load: dict[str, int]) -> str | None:
-    """The agent with the fewest open complaints; the first listed among equals."""
-    if not agents:
-        return None
-    return min(agents, key=lambda agent: (load.get(agent, 0), agents.index(agent)))
+    """The agent with the fewest open complaints; the first listed among equals (``min``
+    keeps the first of equal items)."""
+    return min(agents, key=lambda agent: load.get(agent, 0), default=None)
 
 
 def encode_saga(saga: Saga) -> dict[str, object]:

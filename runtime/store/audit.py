@@ -17,7 +17,7 @@ event store (coverage); it is what ``magasin audit verify`` prints.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Container, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -167,6 +167,18 @@ def link_hash(prev_hash: str, seq: int, entry: AuditEntry, recorded_at: datetime
     return hashlib.sha256(prev_hash.encode() + b"\n" + _encoder.encode(fields)).hexdigest()
 
 
+def unrecorded(entries: Sequence[AuditEntry], recorded: Container[UUID]) -> list[AuditEntry]:
+    """The entries whose id is neither in ``recorded`` nor earlier in ``entries``: what an
+    append writes (the same on both backends)."""
+    seen: set[UUID] = set()
+    fresh = []
+    for entry in entries:
+        if entry.event_id not in recorded and entry.event_id not in seen:
+            fresh.append(entry)
+            seen.add(entry.event_id)
+    return fresh
+
+
 def chain(
     entries: Sequence[AuditEntry], after: tuple[int, str], recorded_at: datetime
 ) -> list[AuditRecord]:
@@ -274,15 +286,10 @@ class MemoryAuditLog:
 
     async def append(self, entries: Sequence[AuditEntry]) -> int:
         async with self._lock:
-            fresh: list[AuditEntry] = []
-            seen: set[UUID] = set()
-            for entry in entries:
-                if entry.event_id not in self._ids and entry.event_id not in seen:
-                    fresh.append(entry)
-                    seen.add(entry.event_id)
+            fresh = unrecorded(entries, self._ids)
             linked = chain(fresh, self._head, utcnow())
             self._records += linked
-            self._ids |= seen
+            self._ids.update(entry.event_id for entry in fresh)
             if linked:
                 self._head = (linked[-1].seq, linked[-1].hash)
             return len(linked)

@@ -10,7 +10,6 @@ therefore serialise on the head row and the chain stays a single line.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -28,6 +27,7 @@ from runtime.store.audit import (
     Coverage,
     chain,
     check_query,
+    unrecorded,
 )
 from runtime.store.postgres import connection_string, describe_dsn, open_pool
 from runtime.store.protocol import EventStore
@@ -41,7 +41,7 @@ _COLUMNS = (
 _LOCK_HEAD = """
 INSERT INTO audit_chain_head (id, seq, hash) VALUES (true, 0, %s)
 ON CONFLICT (id) DO UPDATE SET seq = audit_chain_head.seq
-RETURNING seq, hash"""
+RETURNING seq, hash, clock_timestamp()"""
 _KNOWN = "SELECT event_id FROM audit_log WHERE event_id = ANY(%s)"
 _INSERT = """
 INSERT INTO audit_log (seq, event_id, kind, event_type, aggregate_type, aggregate_id,
@@ -94,15 +94,11 @@ class PostgresAuditLog:
                 assert head is not None
                 ids = [entry.event_id for entry in entries]
                 known = {row[0] for row in await (await conn.execute(_KNOWN, (ids,))).fetchall()}
-                fresh: list[AuditEntry] = []
-                for entry in entries:
-                    if entry.event_id not in known:
-                        fresh.append(entry)
-                        known.add(entry.event_id)
+                fresh = unrecorded(entries, known)
                 if not fresh:
                     return 0
-                now = await _now(conn)
-                linked = chain(fresh, (int(head[0]), str(head[1])), now)
+                # The database's clock, read once the head is locked: in seq order everywhere.
+                linked = chain(fresh, (int(head[0]), str(head[1])), head[2])
                 async with conn.cursor() as cur:
                     await cur.executemany(_INSERT, [_row(record) for record in linked])
                 await conn.execute(_MOVE_HEAD, (linked[-1].seq, linked[-1].hash))
@@ -165,13 +161,6 @@ class PostgresAuditLog:
         if isinstance(exc, pg_errors.UndefinedTable):
             return StoreError(f"{doing}: the audit tables are missing; run `magasin db migrate`")
         return StoreError(f"{doing} failed: {exc}")
-
-
-async def _now(conn: AsyncConn) -> datetime:
-    row = await (await conn.execute("SELECT clock_timestamp()")).fetchone()
-    assert row is not None
-    value: datetime = row[0]
-    return value
 
 
 #: ``audit_log``'s columns in the order ``_INSERT`` lists them, as ``AuditRecord`` names them.
