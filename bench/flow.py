@@ -23,8 +23,9 @@ deduplication, no ordering, no retry ladder: the naive pipeline.
 Instants are ``time.perf_counter()`` in this process, per event id:
 
 - commit: the writer's append (plain: INSERT) returned;
-- confirm: the broker's publisher confirm was received (magasin: the bus's ``publish``
-  returned inside the relay, observed by a ``RabbitMQBus`` subclass);
+- confirm: the broker's publisher confirm was received (magasin: the bus's ``publish_many``
+  of the relay's batch returned, every event of it confirmed, observed by a ``RabbitMQBus``
+  subclass);
 - projected: the read-model transaction committed (magasin: the projection's ``handle``
   returned, before the ack; plain: the upsert returned, before the ack).
 
@@ -82,7 +83,7 @@ from bench.common import (
     progress,
     raise_interrupt,
 )
-from runtime.bus.protocol import Delivery, Headers
+from runtime.bus.protocol import Delivery, Headers, Outgoing
 from runtime.bus.rabbitmq import RabbitMQBus
 from runtime.observability.metrics import Metrics
 from runtime.projection import ProjectionHandler
@@ -261,6 +262,14 @@ class TimedBus(RabbitMQBus):
         if timings is not None and message_id not in timings.confirmed:
             timings.confirmed[message_id] = time.perf_counter()
 
+    async def publish_many(self, messages: Sequence[Outgoing]) -> None:
+        await super().publish_many(messages)  # the relay's batches: all confirmed now
+        timings = self.timings
+        if timings is not None:
+            now = time.perf_counter()
+            for message in messages:
+                timings.confirmed.setdefault(message.message_id, now)
+
 
 # When run as ``python -m bench.flow`` this module is ``__main__``: name it so, or the
 # supervisor would import a second copy of it whose ``FlowProjection.timings`` stays None.
@@ -269,7 +278,7 @@ domains: {{{AGGREGATE_TYPE}: {EXCHANGE}}}
 actors:
   relay:
     kind: relay
-    options: {{batch_size: 500, max_in_flight: 256}}
+    options: {{batch_size: 500, max_in_flight: 1000}}
   {PROJECTION}:
     kind: projection
     handler: {__name__}:FlowProjection

@@ -52,6 +52,7 @@ from runtime.bus.protocol import (
     Delivery,
     Headers,
     HeaderValue,
+    Outgoing,
     QueueSpec,
     Reply,
 )
@@ -258,6 +259,12 @@ class MemoryBus(RepublishingSettlement):
         await anyio.lowlevel.checkpoint()  # before any effect: a cancelled publish did nothing
         message = _Message(message_id, body, dict(headers or {}), exchange, routing_key)
         self._send(message, mandatory=mandatory)
+
+    async def publish_many(self, messages: Sequence[Outgoing]) -> None:
+        await anyio.lowlevel.checkpoint()
+        for m in messages:
+            message = _Message(m.message_id, m.body, dict(m.headers), m.exchange, m.routing_key)
+            self._send(message, mandatory=m.mandatory)
 
     def _send(self, message: _Message, *, mandatory: bool) -> None:
         """Route ``message`` by its exchange and routing key, a copy to each queue."""

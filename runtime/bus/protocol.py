@@ -99,6 +99,17 @@ class Reply(msgspec.Struct, frozen=True):
     headers: dict[str, HeaderValue]
 
 
+class Outgoing(msgspec.Struct, frozen=True):
+    """One message of a ``publish_many``: persistent, confirmed, like ``publish``."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    message_id: str
+    headers: Headers = msgspec.field(default_factory=dict)
+    mandatory: bool = True
+
+
 class DeadLetter(msgspec.Struct, frozen=True):
     """A message parked in ``<queue>.dlq``, as the CLI lists it."""
 
@@ -133,6 +144,12 @@ class Bus(Protocol):
     ) -> None:
         """Publish persistently and return once the broker confirmed it. An unroutable
         ``mandatory`` message raises ``UnroutableError``."""
+        ...
+
+    async def publish_many(self, messages: Sequence[Outgoing]) -> None:
+        """Publish every message as ``publish`` would, pipelined (all in flight at once, in
+        order), and return once the broker confirmed them all. The first failure in order
+        raises as ``publish`` would; the others may or may not have been confirmed."""
         ...
 
     async def request(

@@ -40,6 +40,7 @@ from runtime.bus.protocol import (
     BusPlan,
     Delivery,
     ExchangeSpec,
+    Outgoing,
     QueueSpec,
     Reply,
 )
@@ -286,6 +287,55 @@ class BusContract:
         with pytest.raises(UnroutableError):
             await bus.publish("", unique("missing"), b"", message_id="m-2")
         await bus.publish(exchange, "no.binding", b"", message_id="m-3", mandatory=False)
+
+    async def test_publish_many_delivers_every_message_in_order_with_its_headers(
+        self, bus: Bus
+    ) -> None:
+        exchange = unique("ex")
+        spec = work_queue(Binding(exchange, "order.*"))
+        await bus.declare(BusPlan(exchanges=(ExchangeSpec(exchange),), queues=(spec,)))
+        await bus.publish_many([])  # nothing to do
+        ids = [f"m-{i}" for i in range(300)]
+        await bus.publish_many(
+            [
+                Outgoing(exchange, "order.created", i.encode(), i, {"n": k, "x-ordering-key": "o"})
+                for k, i in enumerate(ids)
+            ]
+        )
+        async with bus.consume(spec.name, prefetch=300) as deliveries:
+            got = await receive(deliveries, 300)
+            for delivery in got:
+                await bus.ack(delivery)
+        assert [d.message_id for d in got] == ids
+        assert [d.body for d in got] == [i.encode() for i in ids]
+        assert [d.headers["n"] for d in got] == list(range(300))
+        assert {(d.exchange, d.routing_key, d.ordering_key) for d in got} == {
+            (exchange, "order.created", "o")
+        }
+
+    async def test_publish_many_raises_for_an_unroutable_mandatory_message(self, bus: Bus) -> None:
+        exchange = unique("ex")
+        spec = work_queue(Binding(exchange, "routed"))
+        await bus.declare(BusPlan(exchanges=(ExchangeSpec(exchange),), queues=(spec,)))
+        with pytest.raises(UnroutableError) as caught:
+            await bus.publish_many(
+                [
+                    Outgoing(exchange, "routed", b"", "m-1"),
+                    Outgoing(exchange, "no.binding", b"", "m-2"),
+                    Outgoing(exchange, "routed", b"", "m-3"),
+                ]
+            )
+        assert (caught.value.exchange, caught.value.routing_key) == (exchange, "no.binding")
+        # Not mandatory: dropped without an error.
+        await bus.publish_many(
+            [
+                Outgoing(exchange, "no.binding", b"", "m-4", mandatory=False),
+                Outgoing(exchange, "routed", b"", "m-5"),
+            ]
+        )
+        assert "m-5" in await drain_ids(bus, spec.name)
+        with pytest.raises(BusError, match="does not exist"):
+            await bus.publish_many([Outgoing(unique("nowhere"), "a.b", b"", "m-6")])
 
     async def test_publishing_to_an_undeclared_exchange_raises_a_bus_error(self, bus: Bus) -> None:
         with pytest.raises(BusError, match="does not exist"):
