@@ -455,18 +455,20 @@ class RabbitMQBus(RepublishingSettlement):
         deadline = anyio.current_time() + timeout
         what = f"request {message_id} within its {timeout:g}s timeout"
         channel = await self._requests_channel(deadline, what)
-        message = Message(
-            body,
-            headers=dict(headers or {}),
-            message_id=message_id,
-            correlation_id=message_id,
-            reply_to=REPLY_TO,
-            delivery_mode=DeliveryMode.PERSISTENT,
+        properties = _properties(
+            message_id, headers or {}, reply_to=REPLY_TO, correlation_id=message_id
         )
         with self._requests.waiting(queue, message_id, route=channel) as pending:
             with anyio.CancelScope(deadline=deadline):
                 try:
-                    await channel.default_exchange.publish(message, queue, mandatory=True)
+                    raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+                    await raw.basic_publish(
+                        body,
+                        routing_key=queue,
+                        properties=properties,
+                        mandatory=True,
+                        wait=False,  # the confirm is what we wait for
+                    )
                 except PublishError:
                     raise UnroutableError("", queue) from None
                 except DeliveryError as exc:
@@ -501,11 +503,15 @@ class RabbitMQBus(RepublishingSettlement):
             )
             return
         self._check_open()
-        answer = Message(body, headers=dict(headers or {}), correlation_id=delivery.correlation_id)
+        # Transient: no delivery mode, as aio-pika's ``Message`` would send it.
+        properties = Basic.Properties(
+            headers=dict(headers or {}), correlation_id=delivery.correlation_id
+        )
         try:
             with anyio.fail_after(self._publish_timeout):
                 channel = await self._answers_channel()
-                await channel.default_exchange.publish(answer, delivery.reply_to, mandatory=False)
+                raw = cast(aiormq.Channel, await channel.get_underlay_channel())
+                await raw.basic_publish(body, routing_key=delivery.reply_to, properties=properties)
         except (*_LINK_ERRORS, TimeoutError) as exc:
             raise PublishNotConfirmedError(
                 f"the answer to request {delivery.message_id} could not be sent to "
