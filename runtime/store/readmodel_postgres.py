@@ -75,11 +75,6 @@ ON CONFLICT (projection, aggregate_id) DO UPDATE SET version = v.version
 RETURNING version"""
 # Lists travel as one JSON document (``jsonb_to_recordset``): psycopg escapes a text array
 # element by element in Python, which costs more than the statement on a replay's batches.
-_SET_VERSIONS = """
-INSERT INTO {versions} AS v (projection, aggregate_id, version)
-SELECT %s, t.a, t.v FROM jsonb_to_recordset(%s::jsonb) AS t (a text, v integer)
-ON CONFLICT (projection, aggregate_id) DO UPDATE SET version = excluded.version
- WHERE v.version < excluded.version"""
 # Lock (creating at 0 where missing) several version rows in one statement, in key order.
 _LOCK_VERSIONS = """
 INSERT INTO {versions} AS v (projection, aggregate_id, version)
@@ -95,13 +90,28 @@ SELECT k.key, r.doc::text FROM jsonb_array_elements_text(%s::jsonb) AS k (key)
    SELECT doc FROM {docs}
     WHERE projection = %s AND collection = %s AND key = k.key
     LIMIT 1) AS r"""
-_PUT_MANY = """
-INSERT INTO {docs} (projection, collection, key, doc)
-SELECT %s, t.c, t.k, t.d FROM jsonb_to_recordset(%s::jsonb) AS t (c text, k text, d jsonb)
-ON CONFLICT (projection, collection, key) DO UPDATE SET doc = excluded.doc, updated_at = now()"""
 _DELETE_MANY = """
 DELETE FROM {docs} AS r USING jsonb_to_recordset(%s::jsonb) AS t (c text, k text)
  WHERE r.projection = %s AND r.collection = t.c AND r.key = t.k"""
+# A transaction's staged writes in one statement (one round trip instead of up to three; the
+# data-modifying CTEs all run, on distinct rows: a key is either put or deleted).
+_FLUSH = """
+WITH put AS (
+  INSERT INTO {docs} (projection, collection, key, doc)
+  SELECT %(projection)s, t.c, t.k, t.d
+    FROM jsonb_to_recordset(%(puts)s::jsonb) AS t (c text, k text, d jsonb)
+  ON CONFLICT (projection, collection, key) DO UPDATE SET doc = excluded.doc, updated_at = now()
+), removed AS (
+  DELETE FROM {docs} AS r USING jsonb_to_recordset(%(deletes)s::jsonb) AS t (c text, k text)
+   WHERE r.projection = %(projection)s AND r.collection = t.c AND r.key = t.k
+), versions AS (
+  INSERT INTO {versions} AS v (projection, aggregate_id, version)
+  SELECT %(projection)s, t.a, t.v
+    FROM jsonb_to_recordset(%(versions)s::jsonb) AS t (a text, v integer)
+  ON CONFLICT (projection, aggregate_id) DO UPDATE SET version = excluded.version
+   WHERE v.version < excluded.version
+)
+SELECT 1"""
 _json = msgspec.json.Encoder()
 # Whether backend %s (a rebuild's guard connection) still holds the advisory lock %s.
 _GUARD_HOLDS = """
@@ -126,11 +136,10 @@ class _Statements:
         self.list = _LIST.format(**tables)
         self.lock_version = _LOCK_VERSION.format(**tables)
         self.create_version = _CREATE_VERSION.format(**tables)
-        self.set_versions = _SET_VERSIONS.format(**tables)
         self.lock_versions = _LOCK_VERSIONS.format(**tables)
         self.get_many = _GET_MANY.format(**tables)
-        self.put_many = _PUT_MANY.format(**tables)
         self.delete_many = _DELETE_MANY.format(**tables)
+        self.flush = _FLUSH.format(**tables)
 
 
 _LIVE = _Statements("read_models", "projection_versions")
@@ -619,7 +628,9 @@ class PostgresReadModelTx:
         self._read: dict[tuple[str, str], str | None] = {}  # what get_many read (None: absent)
         self.closed = False
 
-    async def _fetch(self, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    async def _fetch(
+        self, query: str, params: tuple[Any, ...] | dict[str, Any]
+    ) -> list[tuple[Any, ...]]:
         self._check_open()
         try:
             cur = await self._conn.execute(query, params)
@@ -752,25 +763,26 @@ class PostgresReadModelTx:
             raise _translate(exc, doing, self._where, self._schema) from exc
 
     async def flush(self) -> None:
-        """Send the staged writes (three statements at most); called before the commit."""
+        """Send the staged writes (one statement); called before the commit."""
         self._check_open()
         writes, self._writes = self._writes, {}
+        staged, self._staged = sorted(self._staged), set()
+        if not writes and not staged:
+            return
         puts = [
             {"c": c, "k": k, "d": msgspec.Raw(d)} for (c, k), d in writes.items() if d is not None
         ]
         deletes = [{"c": c, "k": k} for (c, k), d in writes.items() if d is None]
-        if puts:
-            await self._fetch(self._sql.put_many, (self._projection, _json.encode(puts).decode()))
-        if deletes:
-            await self._fetch(
-                self._sql.delete_many, (_json.encode(deletes).decode(), self._projection)
-            )
-        staged, self._staged = sorted(self._staged), set()
-        if staged:
-            versions = [{"a": a, "v": self._versions[a]} for a in staged]
-            await self._fetch(
-                self._sql.set_versions, (self._projection, _json.encode(versions).decode())
-            )
+        versions = [{"a": a, "v": self._versions[a]} for a in staged]
+        await self._fetch(
+            self._sql.flush,
+            {
+                "projection": self._projection,
+                "puts": _json.encode(puts).decode(),
+                "deletes": _json.encode(deletes).decode(),
+                "versions": _json.encode(versions).decode(),
+            },
+        )
 
 
 def _translate(exc: BaseException, doing: str, where: str, schema: str) -> StoreError:
