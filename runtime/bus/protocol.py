@@ -147,9 +147,10 @@ class Bus(Protocol):
         ...
 
     async def publish_many(self, messages: Sequence[Outgoing]) -> None:
-        """Publish every message as ``publish`` would, pipelined (all in flight at once, in
-        order), and return once the broker confirmed them all. The first failure in order
-        raises as ``publish`` would; the others may or may not have been confirmed."""
+        """Publish every message as ``publish`` would, pipelined (all in flight at once, sent
+        in the order given; two calls running at once may interleave), and return once the
+        broker confirmed them all. A failure raises as ``publish`` would; the other messages
+        may or may not have been confirmed."""
         ...
 
     async def request(

@@ -355,20 +355,23 @@ class RabbitMQBus(RepublishingSettlement):
     async def _publish_all(self, items: Sequence[_Publish]) -> None:
         """Publish ``items`` straight on aiormq's channel (aio-pika's ``Message`` and
         ``Exchange.publish`` cost twice as much CPU per message, measured) and wait for
-        every confirm; the first failure in order is raised, the rest are abandoned."""
+        every confirm. The first failure found (in order) is raised; the others are
+        abandoned. A publish aiormq ends as cancelled (it rejects pending confirms with
+        ``CancelledError`` when it drops a connection) was not confirmed either."""
         self._check_open()
         if not items:
             return
         for name in {item.exchange for item in items}:
             await self._exchange(name)
-        tasks: list[asyncio.Future[object]] = []
+        tasks: list[asyncio.Future[Any]] = []
+        abandoned: set[asyncio.Future[Any]] = set()
         try:
             with anyio.fail_after(self._publish_timeout):
                 await self._publisher.ready()  # waits out a reconnection
                 # aiormq's own channel: its ``basic_publish`` takes ``wait``.
                 channel = cast(aiormq.Channel, await self._publisher.get_underlay_channel())
-                tasks = [
-                    asyncio.ensure_future(
+                for item in items:
+                    task: asyncio.Future[Any] = asyncio.ensure_future(
                         channel.basic_publish(
                             item.body,
                             exchange=item.exchange,
@@ -378,36 +381,45 @@ class RabbitMQBus(RepublishingSettlement):
                             wait=False,  # the confirm is what we wait for
                         )
                     )
-                    for item in items
-                ]
+                    task.add_done_callback(_discard_outcome)  # failures are read below
+                    tasks.append(task)
                 try:
                     await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
                 finally:
-                    for task in tasks:
-                        if not task.done():
-                            task.cancel()
-                            task.add_done_callback(_discard_outcome)
+                    for unsettled in tasks:
+                        if not unsettled.done():
+                            unsettled.cancel()
+                            abandoned.add(unsettled)
         except TimeoutError:
-            unconfirmed = next(
-                (i for i, t in zip(items, tasks, strict=True) if not t.done()), items[0]
-            )
+            pending = [i for i, t in zip(items, tasks, strict=False) if not t.done()]
+            unconfirmed = pending[0] if pending else items[0]
             raise PublishNotConfirmedError(
                 f"{unconfirmed.describe()} was not confirmed within {self._publish_timeout}s "
                 f"by {self._where}; publish it again"
             ) from None
         except _LINK_ERRORS as exc:
             raise self._not_confirmed(items[0], exc) from exc
+        self._raise_first_failure(items, tasks, abandoned)
+
+    def _raise_first_failure(
+        self,
+        items: Sequence[_Publish],
+        tasks: Sequence[asyncio.Future[Any]],
+        abandoned: set[asyncio.Future[Any]],
+    ) -> None:
         for item, task in zip(items, tasks, strict=True):
-            if not task.done() or task.cancelled():
-                continue  # abandoned after a failure
+            if task in abandoned:
+                continue
+            if task.cancelled():
+                raise self._not_confirmed(item, asyncio.CancelledError())
             error = task.exception()
             if error is None:
                 continue
             if isinstance(error, PublishError):
                 raise UnroutableError(item.exchange, item.routing_key) from None
-            if isinstance(error, _LINK_ERRORS):  # DeliveryError (a nack) is an AMQPError
-                raise self._not_confirmed(item, error) from error
-            raise error
+            # A nack (DeliveryError), a lost link, or the bare Exception aiormq rejects
+            # pending confirms with when the channel closes: none of them is a confirm.
+            raise self._not_confirmed(item, error) from error
 
     def _not_confirmed(self, item: _Publish, exc: BaseException) -> PublishNotConfirmedError:
         if isinstance(exc, DeliveryError):
@@ -416,7 +428,7 @@ class RabbitMQBus(RepublishingSettlement):
             )
         return PublishNotConfirmedError(
             f"the connection to {self._where} was lost before {item.describe()} was "
-            f"confirmed ({type(exc).__name__}); publish it again"
+            f"confirmed ({type(exc).__name__}: {exc}); publish it again"
         )
 
     async def _exchange(self, name: str) -> AbstractExchange:
@@ -803,8 +815,9 @@ def _properties(
     )
 
 
-def _discard_outcome(task: asyncio.Future[object]) -> None:
-    """Retrieve an abandoned publish's outcome, so asyncio does not log it as unhandled."""
+def _discard_outcome(task: asyncio.Future[Any]) -> None:
+    """Read a publish task's outcome, so asyncio never logs it as unhandled (``_publish_all``
+    raises the failure that matters; the others are abandoned)."""
     if not task.cancelled():
         task.exception()
 

@@ -647,6 +647,7 @@ def connection_string(
     )
     parts["options"] = options
     parts.setdefault("application_name", "magasin")
+    parts["client_encoding"] = "UTF8"  # the append sends its arrays already encoded in UTF-8
     return make_conninfo(**{k: str(v) for k, v in parts.items()})
 
 
