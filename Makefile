@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.flow
 	$(BIN)/python -m bench.replay
 	$(BIN)/python -m bench.e2e
+	$(BIN)/python -m bench.micro
 
 # Re-resolve the pinned versions (commit the result).
 lock:
