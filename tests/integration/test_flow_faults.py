@@ -25,7 +25,7 @@ from tests.support.ledger import Deposited, Opened, Withdrawn
 from tests.support.postgres import terminate_backends
 from tests.support.rabbitmq import close_connections
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]  # 20,000 events under make chaos
 TOTAL = 20_000 if os.environ.get("MAGASIN_CHAOS_LONG") else 3_000
 
 

@@ -232,6 +232,7 @@ async def test_a_standby_relay_takes_over_when_the_leader_dies(
         await bus_b.close()
 
 
+@pytest.mark.chaos  # 20,000 events under make chaos
 async def test_dropped_broker_and_database_connections_lose_nothing(
     pg_store: PostgresEventStore,
     pg_dsn: str,
