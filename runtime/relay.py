@@ -1,10 +1,12 @@
 """The relay: tails the event store and publishes every event to its domain's exchange.
 
 No dual write: the command side only appends; the relay publishes what was committed. It
-reads in checkpoint order (never skipping a late commit), publishes a batch with pipelined
-publisher confirms (mandatory: an unroutable event is a failure), and only then saves the
-checkpoint. A crash anywhere replays from the checkpoint: duplicates downstream are
-possible (consumers deduplicate), losses are not.
+reads in checkpoint order (never skipping a late commit) and publishes each batch with
+``Bus.publish_many``: every event in flight at once, each with its own publisher confirm
+(mandatory: an unroutable event is a failure). Batches overlap: the next one is read and
+published while earlier ones await their confirms, and the checkpoint moves past a batch
+only once it and every batch before it are confirmed. A crash anywhere replays from the
+checkpoint: duplicates downstream are possible (consumers deduplicate), losses are not.
 
 One relay leads across every runtime process: it holds a lease on the store (a PostgreSQL
 advisory lock). The others wait as standbys and take over within about a second when the
