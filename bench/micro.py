@@ -3,7 +3,9 @@
 1. Publishing: CPU per confirmed persistent message to a quorum queue, through aio-pika's
    ``Message`` + ``Exchange.publish`` (what the bus did) and through ``RabbitMQBus.publish_many``
    (aiormq's ``basic_publish`` directly, without the drain wait), ``--messages`` in batches of
-   500 with every message of a batch in flight at once, the relay's nine headers on each.
+   500 with every message of a batch in flight at once, the relay's nine headers on each;
+   after each, consuming them back through ``RabbitMQBus.consume`` (prefetch 256) and acking
+   each, which every delivery to an actor costs.
 2. A read-model-sized PostgreSQL transaction (BEGIN, two SELECTs, an UPDATE, COMMIT) through
    psycopg's async connection, with and without pipeline mode: CPU per transaction.
 
@@ -89,6 +91,15 @@ async def publishing(amqp_url: str, messages: int) -> list[tuple[str, float]]:
                 ]
             )
 
+    async def consume_and_ack() -> None:
+        async with bus.consume(queue.name, prefetch=256) as deliveries:
+            received = 0
+            async for delivery in deliveries:
+                await bus.ack(delivery)
+                received += 1
+                if received == messages:
+                    return
+
     results = []
     try:
         for name, run in (
@@ -96,6 +107,10 @@ async def publishing(amqp_url: str, messages: int) -> list[tuple[str, float]]:
             ("RabbitMQBus.publish_many", via_publish_many),
         ) * 2:
             results.append((name, await cpu_per_item(messages, run)))
+            # Each publishing run fills the queue: take the messages off again, measured.
+            results.append(
+                ("  then RabbitMQBus.consume + ack", await cpu_per_item(messages, consume_and_ack))
+            )
     finally:
         await connection.close()
         await bus.close()
