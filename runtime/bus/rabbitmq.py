@@ -322,8 +322,9 @@ class RabbitMQBus(RepublishingSettlement):
         """Publish on the shared confirming channel. A publish that loses its connection
         before the confirm raises ``PublishNotConfirmedError``: it may or may not have
         arrived, so the caller retries and consumers deduplicate by message id."""
-        properties = _properties(message_id, headers or {})
-        await self._publish_all([_Publish(exchange, routing_key, body, properties, mandatory)])
+        await self.publish_many(
+            [Outgoing(exchange, routing_key, body, message_id, headers or {}, mandatory)]
+        )
 
     async def publish_many(self, messages: Sequence[Outgoing]) -> None:
         """All in flight at once on the shared confirming channel, each awaiting its own

@@ -219,6 +219,19 @@ def check_version(version: int) -> None:
         raise InvalidRequestError(f"a version is an int from 0 to {MAX_VERSION}, got {version!r}")
 
 
+def check_rebuild_write(
+    documents: Mapping[tuple[str, str], bytes | None], versions: Mapping[str, int]
+) -> None:
+    """Refuse a ``Rebuild.write`` naming a bad collection, key or aggregate, or a bad
+    version, before anything of it is written."""
+    for collection, key in documents:
+        check_name("collection", collection)
+        check_name("key", key)
+    for aggregate_id, version in versions.items():
+        check_name("aggregate_id", aggregate_id)
+        check_version(version)
+
+
 def check_page(limit: int, after_key: str | None) -> None:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
         raise InvalidRequestError(f"limit must be an int from 1 to {MAX_PAGE}, got {limit!r}")

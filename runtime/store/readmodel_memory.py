@@ -25,6 +25,7 @@ from runtime.store.readmodel import (
     Rebuild,
     check_name,
     check_page,
+    check_rebuild_write,
     check_version,
     decode_document,
     encode_document,
@@ -343,17 +344,14 @@ class MemoryRebuild:
         *,
         new: bool = False,
     ) -> None:
+        check_rebuild_write(documents, versions)
         for (collection, key), raw in documents.items():
-            check_name("collection", collection)
-            check_name("key", key)
             docs = self._store._docs.setdefault((self.shadow, collection), {})
             if raw is None:
                 docs.pop(key, None)
             else:
                 docs[key] = bytes(raw)
         for aggregate_id, version in versions.items():
-            check_name("aggregate_id", aggregate_id)
-            check_version(version)
             self._store._versions[(self.shadow, aggregate_id)] = version
 
     async def swap(self, finish: Callable[[ReadModelTx], Awaitable[object]]) -> None:

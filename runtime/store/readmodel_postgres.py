@@ -49,6 +49,7 @@ from runtime.store.readmodel import (
     Rebuild,
     check_name,
     check_page,
+    check_rebuild_write,
     check_version,
     decode_document,
     encode_document,
@@ -459,12 +460,7 @@ class PostgresRebuild:
         *,
         new: bool = False,
     ) -> None:
-        for collection, key in documents:
-            check_name("collection", collection)
-            check_name("key", key)
-        for aggregate_id, version in versions.items():
-            check_name("aggregate_id", aggregate_id)
-            check_version(version)
+        check_rebuild_write(documents, versions)
         puts = [(c, k, raw) for (c, k), raw in documents.items() if raw is not None]
         deletes = [{"c": c, "k": k} for (c, k), raw in documents.items() if raw is None]
         docs, vers = _quote(self._sql.docs), _quote(self._sql.versions)
