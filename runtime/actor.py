@@ -28,6 +28,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import anyio
@@ -50,6 +51,7 @@ from runtime.errors import (
 from runtime.hooks import Hooks, Outcome
 from runtime.observability.metrics import Metrics
 from runtime.store.protocol import EventStore
+from runtime.stream_source import StreamSource
 
 if TYPE_CHECKING:
     from runtime.topology import ActorSpec, Topology
@@ -181,7 +183,7 @@ class QueueActor:
     grace_period: float = 10.0
     _draining: anyio.Event = field(default_factory=anyio.Event)
     _in_flight: int = 0
-    _waiting: dict[int, str] = field(default_factory=dict)  # worker delivery -> outage
+    _waiting: dict[tuple[int, int], str] = field(default_factory=dict)  # delivery -> outage
     _handled: int = 0
     _failed: int = 0
     _receivers: list[MemoryObjectReceiveStream[Delivery]] = field(default_factory=list)
@@ -196,6 +198,23 @@ class QueueActor:
             depth, self._in_flight, self._handled, self._failed, len(self._receivers), waiting
         )
 
+    def stream_sources(self) -> list[StreamSource]:
+        """One per domain stream the actor binds (its events are read there, not queued)."""
+        ctx = self.context
+        spec = ctx.spec
+        return [
+            StreamSource(
+                actor=ctx.name,
+                stream=stream,
+                routing_keys=keys,
+                queue=spec.queue_names[0],
+                prefetch=spec.prefetch,
+                store=ctx.store,
+                bus=ctx.bus,
+            )
+            for stream, keys in spec.stream_bindings(ctx.topology.stream_names).items()
+        ]
+
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         spec = self.context.spec
         bus = self.context.bus
@@ -206,6 +225,7 @@ class QueueActor:
                 await stack.enter_async_context(bus.consume(queue, spec.prefetch))
                 for queue in spec.queue_names
             ]
+            streams = self.stream_sources()
             senders: list[MemoryObjectSendStream[Delivery]] = []
             for _ in range(spec.consumers):
                 send, receive = anyio.create_memory_object_stream[Delivery](spec.prefetch)
@@ -217,6 +237,8 @@ class QueueActor:
                 async with anyio.create_task_group() as pumps:
                     for source in sources:
                         pumps.start_soon(self._pump, source, senders)
+                    for stream in streams:
+                        pumps.start_soon(stream.run, partial(self._route, senders))
                     task_status.started()
                     await self._draining.wait()
                     pumps.cancel_scope.cancel()  # stop taking deliveries; keep the channels
@@ -229,11 +251,15 @@ class QueueActor:
                     actor=self.context.name,
                 )
 
+    @staticmethod
+    async def _route(senders: list[MemoryObjectSendStream[Delivery]], delivery: Delivery) -> None:
+        await senders[mailbox_index(delivery.ordering_key, len(senders))].send(delivery)
+
     async def _pump(
         self, source: AsyncIterator[Delivery], senders: list[MemoryObjectSendStream[Delivery]]
     ) -> None:
         async for delivery in source:
-            await senders[mailbox_index(delivery.ordering_key, len(senders))].send(delivery)
+            await self._route(senders, delivery)
         # The source only ends if the consumer was cancelled under us (queue deleted, ...).
         raise BusError(f"the consumer of actor {self.context.name!r} was cancelled")
 
@@ -326,7 +352,7 @@ class QueueActor:
                 with anyio.move_on_after(retry.handler_timeout) as deadline:
                     await self.handler.handle(delivery)
             except DEAD_ON_ARRIVAL as exc:
-                self._waiting.pop(delivery.delivery_tag, None)
+                self._waiting.pop((delivery.consumer, delivery.delivery_tag), None)
                 await bus.dead_letter(delivery, error=exc, actor=ctx.name)
                 return "dead_letter", exc
             except INFRASTRUCTURE_ERRORS as exc:
@@ -336,7 +362,8 @@ class QueueActor:
                 # restart and dead-letter innocent messages during a long outage. The rest
                 # of the mailbox waits behind it; a drain or a crash cancels the wait.
                 outage += 1
-                self._waiting[delivery.delivery_tag] = f"{type(exc).__name__}: {exc}"
+                waiting = f"{type(exc).__name__}: {exc}"
+                self._waiting[delivery.consumer, delivery.delivery_tag] = waiting
                 pause = min(30.0, 0.5 * 2 ** min(outage - 1, 6))
                 logger.warning(
                     "actor {actor}: {error!r}; holding the message, retry in {pause:g}s",
@@ -348,7 +375,7 @@ class QueueActor:
                 continue
             except Exception as exc:  # noqa: BLE001 - any other handler failure is the message's
                 return await self._retry_or_dead_letter(delivery, exc), exc
-            self._waiting.pop(delivery.delivery_tag, None)
+            self._waiting.pop((delivery.consumer, delivery.delivery_tag), None)
             if deadline.cancelled_caught:
                 timeout = HandlerTimeoutError(ctx.name, retry.handler_timeout)
                 await self._retry_or_dead_letter(delivery, timeout)

@@ -29,7 +29,9 @@ EXIT_ESCALATED = 70  # EX_SOFTWARE
 EXIT_FORCED = 130
 
 
-async def open_bus(url: str, stack: AsyncExitStack) -> Bus:
+async def open_bus(url: str, stack: AsyncExitStack, *, stream_url: str | None = None) -> Bus:
+    """The bus of ``url`` (``memory://``: the in-process one); ``stream_url``: the stream
+    protocol's address, when not the AMQP URL's host on port 5552."""
     if not url or url.startswith("memory://"):
         from runtime.bus.memory import MemoryBus  # noqa: PLC0415
 
@@ -40,7 +42,9 @@ async def open_bus(url: str, stack: AsyncExitStack) -> Bus:
         return await stack.enter_async_context(MemoryBus())
     from runtime.bus.rabbitmq import RabbitMQBus  # noqa: PLC0415
 
-    bus = await RabbitMQBus.connect(url, name=f"magasin-{os.getpid()}")
+    bus = await RabbitMQBus.connect(
+        url, name=f"magasin-{os.getpid()}", stream_url=stream_url or None
+    )
     stack.push_async_callback(bus.close)
     return bus
 
@@ -53,7 +57,7 @@ async def serve(path: Path, topology: Topology | None = None) -> int:
     async with AsyncExitStack() as stack:
         store = await open_store(topology.database_url, metrics=metrics)
         stack.push_async_callback(store.close)
-        bus = await open_bus(topology.amqp_url, stack)
+        bus = await open_bus(topology.amqp_url, stack, stream_url=topology.stream_url)
         await bus.declare(topology.bus_plan())
         supervisor = Supervisor(topology, store=store, bus=bus, metrics=metrics)
         escalated: list[BaseException] = []

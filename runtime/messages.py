@@ -13,7 +13,7 @@ from uuid import UUID
 
 import msgspec
 
-from runtime.bus.protocol import X_ORDERING_KEY, HeaderValue
+from runtime.bus.protocol import X_ORDERING_KEY, HeaderValue, StreamWrite
 from runtime.errors import MessageDecodeError
 from runtime.store.protocol import Metadata, RecordedEvent
 
@@ -82,6 +82,17 @@ def event_headers(record: RecordedEvent) -> dict[str, HeaderValue]:
         X_POSITION: record.position,
         X_ORDERING_KEY: record.aggregate_id,
     }
+
+
+def stream_entry(record: RecordedEvent, publishing_id: int) -> StreamWrite:
+    """``record`` as the relay writes it to its domain's stream."""
+    return StreamWrite(
+        publishing_id,
+        routing_key(record),
+        str(record.event_id),
+        encode_event(record),
+        event_headers(record),
+    )
 
 
 def decode_event(message_id: str, body: bytes) -> RecordedEvent:

@@ -1,27 +1,32 @@
-"""The relay: tails the event store and publishes every event to its domain's exchange.
+"""The relay: tails the event store and writes every event to its domain's stream.
 
-No dual write: the command side only appends; the relay publishes what was committed. It
-reads in checkpoint order (never skipping a late commit) and publishes each batch with
-``Bus.publish_many``: every event in flight at once, each with its own publisher confirm
-(mandatory: an unroutable event is a failure). Batches overlap: the next one is read and
-published while earlier ones await their confirms, and the checkpoint moves past a batch
-only once it and every batch before it are confirmed. A crash anywhere replays from the
-checkpoint: duplicates downstream are possible (consumers deduplicate), losses are not.
+No dual write: the command side only appends; the relay writes what was committed. It reads
+in checkpoint order (never skipping a late commit) and writes each batch to the domain's
+stream (named after the domain's exchange) through the stream protocol: one chunk per batch,
+waited for the broker's confirms. Each entry carries a publishing id, counted per stream
+from 1 in store order under the producer name of the relay (its checkpoint name): the
+stream drops an id it already holds, so a relay that writes an entry again writes nothing.
+
+A stream does not fsync each write (PITFALLS): after a broker crash it may hold less than
+the relay was told it confirmed. So a relay that starts trusts the streams, not its
+checkpoint: it asks each stream for the last entry it wrote there (the event in it names
+its store checkpoint and its publishing id), and reads the store from the earliest of
+those; an event a stream already holds is not written to it again. A stream that holds
+none of its entries (new, or deleted) is written from the store's start. The saved
+checkpoint is what the lag metric and ``magasin`` commands show: at most
+``checkpoint_interval`` behind what is confirmed.
+
+Batches are written one after the other: a batch sent before the previous one is stored
+would make the broker drop the previous one as duplicates of lower ids.
 
 One relay leads across every runtime process: it holds a lease on the store (a PostgreSQL
 advisory lock). The others wait as standbys and take over within about a second when the
 leader dies or loses its connection; the old leader checks its lease before every
 checkpoint and stops when it has lost it.
 
-The checkpoint is saved at most every ``checkpoint_interval`` (and when the relay stops),
-not after every batch: at a low rate a batch holds one event, and two more round trips per
-event would double the relay's cost. A crash replays at most that interval's events, which
-consumers deduplicate.
-
-Options (``actors.relay.options``): ``checkpoint`` (name, default ``relay``),
-``batch_size`` (default 500), ``max_in_flight`` (events read and published whose batch, or
-an earlier one, awaits confirms: default 1,000, two batches; a larger batch goes alone),
-``checkpoint_interval`` (seconds, default 0.2; 0 saves after every batch).
+Options (``actors.relay.options``): ``checkpoint`` (name, also the stream producer's,
+default ``relay``), ``batch_size`` (default 500), ``checkpoint_interval`` (seconds, default
+0.2; 0 saves after every batch).
 """
 
 from __future__ import annotations
@@ -37,9 +42,9 @@ from anyio.abc import TaskStatus
 from loguru import logger
 
 from runtime.actor import ActorContext
-from runtime.bus.protocol import Outgoing
+from runtime.bus.protocol import StreamWrite
 from runtime.errors import ConfigurationError, MagasinError
-from runtime.messages import encode_event, event_headers, routing_key
+from runtime.messages import decode_event, stream_entry
 from runtime.store.protocol import Checkpoint, Lease, RecordedEvent
 
 
@@ -49,93 +54,98 @@ class Relay:
         self.context = context
         self.name = str(options.get("checkpoint", "relay"))
         self.batch_size = int(options.get("batch_size", 500))
-        self.max_in_flight = int(options.get("max_in_flight", 1000))
         self.checkpoint_interval = float(options.get("checkpoint_interval", 0.2))
         self.domains = dict(context.topology.domains)
         self.leading = False
         self.published = 0
         self.checkpoint = Checkpoint.START
         self._saved = Checkpoint.START
-        self._in_flight = _InFlight(self.max_in_flight)
+        # per stream: the checkpoint of the last event it holds, and its publishing id
+        self._tails: dict[str, tuple[Checkpoint, int]] = {}
         self._last_lag_update = 0.0
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
-        """Ready at once (a standby is healthy); publishes only while holding the lease."""
+        """Ready at once (a standby is healthy); writes only while holding the lease."""
         task_status.started()
         store = self.context.store
         async with store.leader_lease(f"relay:{self.name}") as lease:
             self.leading = True
-            self.checkpoint = await store.load_checkpoint(self.name)
+            self._saved = await store.load_checkpoint(self.name)
+            start = await self._read_tails()
+            self.checkpoint = start  # every event up to it is in its stream
             logger.info(
-                "relay {name} leads, from checkpoint {checkpoint}",
+                "relay {name} leads, from {start} (checkpoint {saved}, streams {tails})",
                 name=self.name,
-                checkpoint=self.checkpoint,
+                start=start,
+                saved=self._saved,
+                tails={stream: str(tail[0]) for stream, tail in self._tails.items()},
             )
-            self._saved = self.checkpoint
             try:
                 async with anyio.create_task_group() as tg:
                     if self.checkpoint_interval > 0:
                         tg.start_soon(self._save_periodically, lease)
-                    async with aclosing(
-                        store.subscribe(self.checkpoint, self.batch_size)
-                    ) as batches:
-                        # Batches overlap: the next is read and published while the broker
-                        # confirms the previous ones; the checkpoint follows them in order.
-                        previous: anyio.Event | None = None
+                    async with aclosing(store.subscribe(start, self.batch_size)) as batches:
                         async for batch in batches:
-                            await self._in_flight.take(len(batch))
-                            done = anyio.Event()
-                            tg.start_soon(self._relay, batch, previous, done, lease)
-                            previous = done
+                            await self._relay(batch, lease)
             finally:
                 self.leading = False
                 await self._save_on_the_way_out(lease)
 
-    async def _relay(
-        self,
-        batch: list[RecordedEvent],
-        previous: anyio.Event | None,
-        done: anyio.Event,
-        lease: Lease,
-    ) -> None:
-        await self.context.bus.publish_many([self._outgoing(record) for record in batch])
-        if previous is not None:
-            await previous.wait()
-        # Room for the next batch only now: a batch held unconfirmed holds back the
-        # batches after it (their checkpoint waits for it), so they count until then.
-        self._in_flight.give(len(batch))
-        # Every event of this batch and of the ones before is confirmed by the broker:
-        # only now may the checkpoint move (saved by ``_save``, only while this process
-        # still leads).
-        self.checkpoint = batch[-1].checkpoint
-        self.published += len(batch)
-        self._count(batch)
+    async def _read_tails(self) -> Checkpoint:
+        """What each stream really holds; returns where the store must be read from."""
+        bus = self.context.bus
+        start: Checkpoint | None = None
+        for stream in dict.fromkeys(self.domains.values()):
+            entry = await bus.stream_tail(stream, self.name)
+            if entry is None:
+                tail = (Checkpoint.START, 0)
+            else:
+                record = decode_event(entry.message_id, entry.body)
+                tail = (record.checkpoint, entry.publishing_id)
+            self._tails[stream] = tail
+            start = tail[0] if start is None else min(start, tail[0])
+        return start or Checkpoint.START
+
+    async def _relay(self, batch: list[RecordedEvent], lease: Lease) -> None:
+        writes: dict[str, list[StreamWrite]] = {}
+        for record in batch:
+            stream = self._stream_of(record)
+            written, publishing_id = self._tails[stream]
+            if record.checkpoint <= written:
+                continue  # the stream holds it already
+            publishing_id += 1
+            self._tails[stream] = (record.checkpoint, publishing_id)
+            writes.setdefault(stream, []).append(stream_entry(record, publishing_id))
+        for stream, entries in writes.items():
+            await self.context.bus.write_stream(stream, self.name, entries)
+        # Every event of this batch is confirmed by the broker: only now may the checkpoint
+        # move (saved by ``_save``, only while this process still leads).
+        self.checkpoint = max(self.checkpoint, batch[-1].checkpoint)
+        self.published += sum(len(entries) for entries in writes.values())
+        self._count(batch, writes)
         if not self.checkpoint_interval:
             await self._save(lease)
         await self._update_lag()
-        done.set()
 
-    def _outgoing(self, record: RecordedEvent) -> Outgoing:
-        exchange = self.domains.get(record.aggregate_type)
-        if exchange is None:
+    def _stream_of(self, record: RecordedEvent) -> str:
+        stream = self.domains.get(record.aggregate_type)
+        if stream is None:
             raise ConfigurationError(
                 f"the relay has no exchange for aggregate type {record.aggregate_type!r} "
                 f"(event {record.event_id}); map it under `domains:` in the topology"
             )
-        return Outgoing(
-            exchange,
-            routing_key(record),
-            encode_event(record),
-            str(record.event_id),
-            event_headers(record),
-            mandatory=True,
-        )
+        return stream
 
-    def _count(self, batch: list[RecordedEvent]) -> None:
+    def _count(self, batch: list[RecordedEvent], writes: dict[str, list[StreamWrite]]) -> None:
+        if not writes:
+            return
         metrics = self.context.metrics
         now = datetime.now(UTC)
         published: Counter[tuple[str, str]] = Counter()
+        written = {entry.message_id for entries in writes.values() for entry in entries}
         for record in batch:
+            if str(record.event_id) not in written:
+                continue
             exchange = self.domains[record.aggregate_type]
             published[exchange, record.event_type] += 1
             committed = record.created_at
@@ -185,23 +195,3 @@ class Relay:
         stats = await self.context.store.statistics()
         lag = max(0, stats.head_position - self.checkpoint.position)
         self.context.metrics.relay_lag_events.set({"relay": self.name}, lag)
-
-
-class _InFlight:
-    """Events published whose checkpoint cannot move yet, up to ``limit`` (one taker: the
-    relay's loop)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.count = 0
-        self._freed = anyio.Event()
-
-    async def take(self, n: int) -> None:
-        while self.count and self.count + n > self.limit:
-            await self._freed.wait()
-        self.count += n
-
-    def give(self, n: int) -> None:
-        self.count -= n
-        self._freed.set()
-        self._freed = anyio.Event()

@@ -28,7 +28,8 @@ from anyio.abc import TaskGroup
 from loguru import logger
 
 from runtime.actor import ActorContext, ActorStatistics
-from runtime.bus.memory import MemoryBus, topic_matches
+from runtime.bus.memory import MemoryBus
+from runtime.bus.streams import topic_matches
 from runtime.errors import ConfigurationError
 from runtime.messages import routing_key
 from runtime.observability.metrics import Metrics

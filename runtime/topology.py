@@ -31,13 +31,14 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 import msgspec
 import yaml
 
-from runtime.bus.protocol import Binding, BusPlan, ExchangeSpec, QueueSpec
+from runtime.bus.protocol import Binding, BusPlan, ExchangeSpec, QueueSpec, StreamSpec
 from runtime.errors import TopologyError
 from runtime.naming import DEAD_LETTER_EXCHANGE, dead_letter_queue, retry_queue
 
 ENV_DATABASE_URL = "MAGASIN_DATABASE_URL"
 ENV_AMQP_URL = "MAGASIN_AMQP_URL"
 ENV_HTTP_PORT = "MAGASIN_HTTP_PORT"
+ENV_STREAM_URL = "MAGASIN_STREAM_URL"
 
 DEFAULT_EXCHANGES = ("complaints.events", "audit.events", "saga.events", "notifications.events")
 
@@ -132,6 +133,15 @@ class ActorQueue(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
         )
 
 
+class StreamsSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Retention of the domains' streams: what is older than ``max_age`` or beyond
+    ``max_length_bytes`` goes, a whole segment at a time."""
+
+    max_age: Duration | None = 7 * 24 * 3600.0
+    max_length_bytes: Annotated[int, msgspec.Meta(ge=1)] | None = 20 * 1024**3
+    max_segment_size_bytes: Annotated[int, msgspec.Meta(ge=1, le=3 * 1024**3)] = 100 * 1024**2
+
+
 class Defaults(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     restart: RestartSpec = RestartSpec()
     retry: RetrySpec = RetrySpec()
@@ -165,7 +175,8 @@ class ActorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
 
     @property
     def work_queues(self) -> tuple[ActorQueue, ...]:
-        """Every queue the actor consumes, its own first."""
+        """Every queue the actor consumes, its own first. Its bindings to domain exchanges
+        are not among the queue's: those events are read from the domain's stream."""
         if not self.consumes:
             return ()
         own = ActorQueue(
@@ -175,6 +186,11 @@ class ActorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
             delivery_limit=self.delivery_limit,
         )
         return (own, *self.queues)
+
+    def stream_bindings(self, streams: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+        """The streams (of ``streams``: the domain exchanges) this actor reads, with the
+        routing keys it keeps."""
+        return {name: keys for name, keys in self.bind.items() if name in streams and keys}
 
     @property
     def queue_names(self) -> tuple[str, ...]:
@@ -194,20 +210,39 @@ class Topology(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         default_factory=lambda: {"complaint": "complaints.events"}
     )  # aggregate type → the exchange the relay publishes its events to
     defaults: Defaults = Defaults()
+    # Each domain exchange's events go to the stream of the same name, kept this long.
+    streams: StreamsSpec = StreamsSpec()
+    # The stream protocol's address; None: the AMQP URL's host, user and vhost on port 5552.
+    stream_url: str | None = None
+
+    @property
+    def stream_names(self) -> tuple[str, ...]:
+        """The domains' streams, one per domain exchange, named after it."""
+        return tuple(dict.fromkeys(self.domains.values()))
 
     def bus_plan(self) -> BusPlan:
+        streams = self.stream_names
         return BusPlan(
             exchanges=tuple(ExchangeSpec(name=name, type="topic") for name in self.exchanges),
             queues=tuple(
                 QueueSpec(
                     name=queue.name,
-                    bindings=queue.bindings,
+                    bindings=tuple(b for b in queue.bindings if b.exchange not in streams),
                     retry_delays=actor.retry.delays,
                     queue_type=queue.type,
                     delivery_limit=queue.delivery_limit,
                 )
                 for actor in self.actors.values()
                 for queue in actor.work_queues
+            ),
+            streams=tuple(
+                StreamSpec(
+                    name=name,
+                    max_age=self.streams.max_age,
+                    max_length_bytes=self.streams.max_length_bytes,
+                    max_segment_size_bytes=self.streams.max_segment_size_bytes,
+                )
+                for name in streams
             ),
         )
 
@@ -517,6 +552,10 @@ def _choices(typ: Any) -> tuple[str, ...]:
 
 def _normalize_durations(value: Any, typ: Any, path: _Path, context: _Context) -> Any:
     """Turn every value at a :data:`Duration` place into float seconds."""
+    if value is not None and get_origin(typ) in (Union, types.UnionType):
+        durations = [t for t in get_args(typ) if get_origin(t) is Annotated]
+        if len(durations) == 1 and _DURATION in durations[0].__metadata__:
+            typ = durations[0]  # ``Duration | None``
     if get_origin(typ) is Annotated and _DURATION in typ.__metadata__:
         try:
             return parse_duration(value)
@@ -547,7 +586,11 @@ def _normalize_durations(value: Any, typ: Any, path: _Path, context: _Context) -
 
 
 def _apply_env_overrides(data: dict[Any, Any], env: Mapping[str, str], context: _Context) -> None:
-    for variable, key in ((ENV_DATABASE_URL, "database_url"), (ENV_AMQP_URL, "amqp_url")):
+    for variable, key in (
+        (ENV_DATABASE_URL, "database_url"),
+        (ENV_AMQP_URL, "amqp_url"),
+        (ENV_STREAM_URL, "stream_url"),
+    ):
         if env.get(variable):
             data[key] = env[variable]
     port = env.get(ENV_HTTP_PORT, "").strip()
@@ -877,13 +920,19 @@ def _plan_lines(topology: Topology) -> Iterator[str]:
     yield f"exchanges: {', '.join(topology.exchanges)} (topic, durable)"
     domains = ", ".join(f"{kind} -> {exchange}" for kind, exchange in topology.domains.items())
     yield f"domains:   {domains or 'none'}"
+    retention = topology.streams
+    yield (
+        f"streams:   {', '.join(topology.stream_names) or 'none'} (kept "
+        f"{format_duration(retention.max_age) if retention.max_age else 'forever'}, at most "
+        f"{retention.max_length_bytes or 'unlimited'} bytes)"
+    )
     yield ""
     yield f"actors ({len(topology.actors)}, started in this order):"
     for actor in topology.actors.values():
-        yield from _actor_lines(actor)
+        yield from _actor_lines(actor, topology.stream_names)
 
 
-def _actor_lines(actor: ActorSpec) -> Iterator[str]:
+def _actor_lines(actor: ActorSpec, streams: tuple[str, ...]) -> Iterator[str]:
     restart, retry = actor.restart, actor.retry
     yield f"  {actor.name} ({actor.kind})"
     yield f"    handler:  {actor.handler or f'built-in ({handler_path(actor)})'}"
@@ -901,9 +950,13 @@ def _actor_lines(actor: ActorSpec) -> Iterator[str]:
         f"{', '.join(format_duration(wait) for wait in waits if wait) or 'never'} between them, "
         f"then the dead-letter queue; handler timeout {format_duration(retry.handler_timeout)}"
     )
+    for stream, keys in actor.stream_bindings(streams).items():
+        yield f"    stream {stream}: keeps {', '.join(keys)}"
     for queue in actor.work_queues:
         yield f"    queue {queue.name} ({queue.type}, delivery limit {queue.delivery_limit})"
-        bindings = [f"{b.exchange} {b.routing_key}" for b in queue.bindings]
+        bindings = [
+            f"{b.exchange} {b.routing_key}" for b in queue.bindings if b.exchange not in streams
+        ]
         yield f"      bound to: {'; '.join(bindings) or 'nothing (sent to directly)'}"
         for rung, delay in enumerate(retry.delays, start=1):
             yield f"      retry {rung}:  {retry_queue(queue.name, rung)} ({format_duration(delay)})"

@@ -55,7 +55,11 @@ from runtime.bus.protocol import (
     Outgoing,
     QueueSpec,
     Reply,
+    StreamEntry,
+    StreamSpec,
+    StreamWrite,
 )
+from runtime.bus.streams import StreamSettlement, topic_matches
 from runtime.errors import (
     BusError,
     BusUnavailableError,
@@ -66,20 +70,6 @@ from runtime.errors import (
 from runtime.naming import DEAD_LETTER_EXCHANGE, dead_letter_queue, retry_queue
 
 # --- routing -------------------------------------------------------------------------------
-
-
-def topic_matches(pattern: str, routing_key: str) -> bool:
-    """AMQP topic matching: words split on '.', ``*`` is one word, ``#`` zero or more."""
-    words = routing_key.split(".") if routing_key else []
-    reachable = {0}  # how many words of the key the pattern so far can have consumed
-    for part in pattern.split(".") if pattern else []:
-        if part == "#":
-            reachable = set(range(min(reachable), len(words) + 1))
-        else:
-            reachable = {i + 1 for i in reachable if i < len(words) and part in ("*", words[i])}
-        if not reachable:
-            return False
-    return len(words) in reachable
 
 
 # --- state -----------------------------------------------------------------------------------
@@ -147,13 +137,76 @@ class _Deliveries:
                 await consumer.wake.wait()
 
 
-class MemoryBus(RepublishingSettlement):
+@dataclass(eq=False)
+class _Log:
+    """A stream: entries from ``first`` on (retention dropped those before)."""
+
+    spec: StreamSpec
+    # (written at, producer, entry)
+    entries: deque[tuple[float, str, StreamEntry]] = field(default_factory=deque)
+    next_offset: int = 0
+    size: int = 0  # bytes of the bodies held
+    last_ids: dict[str, int] = field(default_factory=dict)  # producer -> last publishing id
+    tails: dict[str, int] = field(default_factory=dict)  # producer -> offset of its last entry
+    grown: anyio.Event = field(default_factory=anyio.Event)
+
+    def append(self, producer: str, batch: Sequence[StreamWrite], now: float) -> None:
+        last = self.last_ids.get(producer, 0)
+        for item in batch:
+            if item.publishing_id <= last:
+                continue  # deduplicated, as the broker does
+            last = item.publishing_id
+            entry = StreamEntry(
+                self.next_offset,
+                item.publishing_id,
+                item.routing_key,
+                item.message_id,
+                item.body,
+                dict(item.headers),
+            )
+            self.entries.append((now, producer, entry))
+            self.size += len(item.body)
+            self.tails[producer] = self.next_offset
+            self.next_offset += 1
+        self.last_ids[producer] = last
+        self._retain(now)
+        self.grown.set()
+        self.grown = anyio.Event()
+
+    def _retain(self, now: float) -> None:
+        """Drop from the head what is past ``max_age`` or beyond ``max_length_bytes`` (per
+        entry here; the broker drops whole segments), always keeping the last entry."""
+        spec = self.spec
+        while len(self.entries) > 1:
+            written, _, entry = self.entries[0]
+            too_old = spec.max_age is not None and now - written > spec.max_age
+            too_big = spec.max_length_bytes is not None and self.size > spec.max_length_bytes
+            if not (too_old or too_big):
+                return
+            self.entries.popleft()
+            self.size -= len(entry.body)
+
+    @property
+    def first(self) -> int:
+        return self.entries[0][2].offset if self.entries else self.next_offset
+
+    def entry(self, offset: int) -> StreamEntry | None:
+        index = offset - self.first
+        return self.entries[index][2] if 0 <= index < len(self.entries) else None
+
+    def chunk(self, offset: int, limit: int) -> list[StreamEntry]:
+        start = max(0, offset - self.first)
+        return [e for _, _, e in itertools.islice(self.entries, start, start + limit)]
+
+
+class MemoryBus(StreamSettlement, RepublishingSettlement):
     """A ``Bus`` held in deques and dicts; lost when the process ends."""
 
     def __init__(self) -> None:
         self._exchanges: dict[str, str] = {DEAD_LETTER_EXCHANGE: "direct"}  # name -> type
         self._bindings: dict[str, list[tuple[str, str]]] = {}  # exchange -> (key, queue)
         self._queues: dict[str, _Queue] = {}
+        self._streams: dict[str, _Log] = {}
         self._consumers: dict[int, _Consumer] = {}
         self._ids = itertools.count(1)
         self._tags = itertools.count(1)
@@ -187,6 +240,8 @@ class MemoryBus(RepublishingSettlement):
                 if binding.exchange not in self._exchanges:
                     raise UnknownExchangeError(binding.exchange)
             self._declare_queue(spec)
+        for stream in plan.streams:
+            self._declare_stream(stream)
         await anyio.lowlevel.checkpoint()
 
     def _declare_exchange(self, name: str, kind: str) -> None:
@@ -195,6 +250,19 @@ class MemoryBus(RepublishingSettlement):
             raise BusError(
                 f"exchange {name!r} already exists as a {current} exchange, not {kind}; "
                 "delete it or give the new one another name"
+            )
+
+    def _declare_stream(self, spec: StreamSpec) -> None:
+        if spec.name in self._queues:
+            raise BusError(f"{spec.name!r} already exists as a queue, not a stream")
+        log = self._streams.get(spec.name)
+        if log is None:
+            self._streams[spec.name] = _Log(spec)
+        elif log.spec != spec:
+            # The broker keeps a stream's arguments; so does this twin (PITFALLS).
+            raise BusError(
+                f"stream {spec.name!r} already exists with other retention settings; delete it "
+                "or keep its settings"
             )
 
     def _declare_queue(self, spec: QueueSpec) -> None:
@@ -469,6 +537,65 @@ class MemoryBus(RepublishingSettlement):
         if not self._closed:
             self._dispatch(queue)
 
+    # --- streams ---------------------------------------------------------------------------
+
+    def _log(self, stream: str) -> _Log:
+        log = self._streams.get(stream)
+        if log is None:
+            raise UnknownQueueError(f"stream {stream!r} does not exist; declare the bus plan first")
+        return log
+
+    async def write_stream(
+        self, stream: str, producer: str, entries: Sequence[StreamWrite]
+    ) -> None:
+        await anyio.lowlevel.checkpoint()  # before any effect: a cancelled write did nothing
+        self._check_open()
+        self._log(stream).append(producer, entries, anyio.current_time())
+
+    async def stream_tail(self, stream: str, producer: str) -> StreamEntry | None:
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        log = self._log(stream)
+        offset = log.tails.get(producer)
+        return None if offset is None else log.entry(offset)
+
+    @asynccontextmanager
+    async def read_stream(
+        self, stream: str, offset: int, *, credit: int = 8
+    ) -> AsyncIterator[AsyncIterator[Sequence[StreamEntry]]]:
+        self._check_open()
+        log = self._log(stream)
+        if offset < 0:
+            raise ValueError(f"a stream offset is at least 0, got {offset}")
+
+        async def chunks() -> AsyncIterator[Sequence[StreamEntry]]:
+            nonlocal offset
+            while True:
+                if self._closed:
+                    return
+                chunk = log.chunk(offset, 500)
+                if chunk:
+                    offset = chunk[-1].offset + 1
+                    yield chunk
+                    continue
+                with anyio.move_on_after(1):  # also notices a closed bus
+                    await log.grown.wait()
+
+        yield chunks()
+
+    def lose_stream_tail(self, stream: str, count: int) -> None:
+        """Forget the last ``count`` entries, as a broker that did not fsync them would
+        after a crash (tests). What a producer wrote last is then what remains of it."""
+        log = self._log(stream)
+        for _ in range(min(count, len(log.entries))):
+            _, _, entry = log.entries.pop()
+            log.size -= len(entry.body)
+            log.next_offset = entry.offset
+        log.tails, log.last_ids = {}, {}
+        for _, producer, entry in log.entries:
+            log.tails[producer] = entry.offset
+            log.last_ids[producer] = entry.publishing_id
+
     # --- settling ------------------------------------------------------------------------
 
     def _take(self, delivery: Delivery, verb: str) -> tuple[_Queue, _Message] | None:
@@ -489,6 +616,8 @@ class MemoryBus(RepublishingSettlement):
 
     async def ack(self, delivery: Delivery) -> None:
         await anyio.lowlevel.checkpoint()
+        if self.settle_stream(delivery):
+            return
         self._expire_due()
         taken = self._take(delivery, "ack")
         if taken is not None:
@@ -496,6 +625,8 @@ class MemoryBus(RepublishingSettlement):
 
     async def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         await anyio.lowlevel.checkpoint()
+        if delivery.consumer < 0:
+            return  # a stream has no requeue: left unsettled, it is read again on restart
         self._expire_due()
         taken = self._take(delivery, "nack")
         if taken is None:

@@ -47,9 +47,20 @@ class QueueSpec(msgspec.Struct, frozen=True):
     delivery_limit: int = 20  # broker backstop for messages that kill the consumer
 
 
+class StreamSpec(msgspec.Struct, frozen=True):
+    """An append-only log (a RabbitMQ stream) and its retention: what is older than
+    ``max_age`` seconds or beyond ``max_length_bytes`` goes, a segment at a time."""
+
+    name: str
+    max_age: float | None = 7 * 24 * 3600.0
+    max_length_bytes: int | None = 20 * 1024**3
+    max_segment_size_bytes: int = 100 * 1024**2
+
+
 class BusPlan(msgspec.Struct, frozen=True):
     exchanges: tuple[ExchangeSpec, ...] = ()
     queues: tuple[QueueSpec, ...] = ()
+    streams: tuple[StreamSpec, ...] = ()
 
 
 class Delivery(msgspec.Struct, frozen=True):
@@ -110,6 +121,29 @@ class Outgoing(msgspec.Struct, frozen=True):
     mandatory: bool = True
 
 
+class StreamWrite(msgspec.Struct, frozen=True):
+    """One entry of a ``write_stream`` batch. ``publishing_id`` must grow strictly per
+    producer: the stream drops an id at or below the last one it stored for that producer
+    (deduplication), so a producer that writes the same entries again writes nothing."""
+
+    publishing_id: int
+    routing_key: str
+    message_id: str
+    body: bytes  # JSON: the entry is a JSON object that embeds it as is
+    headers: Headers = msgspec.field(default_factory=dict)
+
+
+class StreamEntry(msgspec.Struct, frozen=True):
+    """One entry read back from a stream, at its ``offset`` (0 for the first ever written)."""
+
+    offset: int
+    publishing_id: int
+    routing_key: str
+    message_id: str
+    body: bytes
+    headers: dict[str, HeaderValue]
+
+
 class DeadLetter(msgspec.Struct, frozen=True):
     """A message parked in ``<queue>.dlq``, as the CLI lists it."""
 
@@ -119,6 +153,20 @@ class DeadLetter(msgspec.Struct, frozen=True):
     error: str
     error_type: str
     attempts: int
+
+
+class StreamDeliveries(Protocol):
+    """What ``consume_stream`` yields: an iterator of deliveries and where to resume."""
+
+    requested: int  # the offset asked for
+    first_offset: int | None  # the first offset the stream gave (> requested: retention)
+
+    @property
+    def settled(self) -> int:
+        """Every entry before this offset was settled (or not for this actor)."""
+        ...
+
+    def __aiter__(self) -> AsyncIterator[Delivery]: ...
 
 
 @runtime_checkable
@@ -199,6 +247,45 @@ class Bus(Protocol):
 
     async def dead_letter(self, delivery: Delivery, *, error: BaseException, actor: str) -> None:
         """Publish the message to ``<queue>.dlq`` with the error headers; then ack it."""
+        ...
+
+    async def write_stream(
+        self, stream: str, producer: str, entries: Sequence[StreamWrite]
+    ) -> None:
+        """Append ``entries`` to ``stream`` in this order, as few chunks as the client can,
+        and return once the broker confirmed them all (deduplicated by ``producer`` and
+        publishing id). Raises ``UnknownQueueError`` if the stream is not declared,
+        ``BusUnavailableError``/``PublishNotConfirmedError`` as ``publish`` does."""
+        ...
+
+    async def stream_tail(self, stream: str, producer: str) -> StreamEntry | None:
+        """The last entry ``producer`` wrote to ``stream`` that the stream really holds
+        (after a crash of the broker too), or None if it holds none of its entries."""
+        ...
+
+    def read_stream(
+        self, stream: str, offset: int, *, credit: int = 8
+    ) -> AbstractAsyncContextManager[AsyncIterator[Sequence[StreamEntry]]]:
+        """The entries of ``stream`` from ``offset`` on, a chunk at a time, in order, then
+        waiting for new ones; ``credit`` chunks are read ahead at most. An ``offset`` that
+        retention removed starts at the first entry the stream still holds (the caller can
+        tell by the first offset it gets). A dropped connection is recovered within the
+        iteration, from the entry after the last one handed out."""
+        ...
+
+    def consume_stream(
+        self,
+        stream: str,
+        *,
+        queue: str,
+        offset: int,
+        routing_keys: Sequence[str],
+        prefetch: int,
+    ) -> AbstractAsyncContextManager[StreamDeliveries]:
+        """``stream`` from ``offset`` as deliveries for the actor whose work queue is
+        ``queue`` (its retries and dead letters go there), only the entries whose routing
+        key matches one of ``routing_keys`` (topic patterns). ``ack``, ``retry`` and
+        ``dead_letter`` settle them; ``settled`` says where to resume."""
         ...
 
     async def list_dead_letters(self, queue: str, limit: int = 100) -> Sequence[DeadLetter]: ...

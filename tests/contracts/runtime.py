@@ -3,23 +3,26 @@ RabbitMQ. A backend's module subclasses ``RuntimeContract`` and provides ``bus``
 
 from __future__ import annotations
 
+import itertools
 import random
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
+import msgspec
 import pytest
 
-from runtime.bus.protocol import X_ORDERING_KEY, Bus
+from runtime.bus.protocol import X_ORDERING_KEY, Bus, StreamWrite
 from runtime.errors import EscalationError
 from runtime.observability.metrics import Metrics
 from runtime.store.memory import MemoryEventStore
+from runtime.stream_source import stream_offset_name
 from runtime.supervisor import Supervisor
 from runtime.topology import Topology, parse_topology
 from tests.support.workers import ATTEMPTS, BATCHES, HANDLED, REDELIVERED, job
 
-EXCHANGE = "complaints.events"
+EXCHANGE = "saga.events"  # a queue-bound exchange (domain exchanges are streams)
 
 
 def worker_topology(
@@ -347,3 +350,177 @@ async def _wait_dead_letters(bus: Bus, queue: str, count: int) -> list:  # type:
             if not enough():
                 await anyio.sleep(0.05)
     return letters
+
+
+# --- the stream path: actors bound to a domain exchange read its stream --------------------
+
+STREAM = "complaints.events"  # the default topology's domain: a stream, not a queue binding
+
+
+def stream_topology(registry: str, queue: str, **kw: object) -> Topology:
+    """``worker_topology`` with the worker bound to the domain stream instead."""
+    topology = worker_topology(registry, queue, **kw)  # type: ignore[arg-type]
+    worker = topology.actors["worker"]
+    bound = msgspec.structs.replace(worker, bind={STREAM: (f"{registry}.#",)})
+    return msgspec.structs.replace(topology, actors={"worker": bound})
+
+
+_publishing_ids = itertools.count(1)
+
+
+async def write(bus: Bus, registry: str, key: str, seq: int, do: str = "ok", **kw: float) -> None:
+    await write_jobs(bus, [(registry, key, seq, do, kw)])
+
+
+async def write_jobs(bus: Bus, jobs: list[tuple[str, str, int, str, dict[str, float]]]) -> None:
+    """One chunk of jobs, as the relay writes a batch."""
+    await bus.write_stream(
+        STREAM,
+        "tests",
+        [
+            StreamWrite(
+                next(_publishing_ids),
+                f"{registry}.{key}",
+                f"{key}-{seq}-{uuid.uuid4().hex[:6]}",
+                job(key, seq, do, **kw),
+                {X_ORDERING_KEY: key},
+            )
+            for registry, key, seq, do, kw in jobs
+        ],
+    )
+
+
+@asynccontextmanager
+async def running_on(
+    bus: Bus, topology: Topology, store: MemoryEventStore
+) -> AsyncIterator[Supervisor]:
+    """``running`` on a given store (where the stream offsets are saved)."""
+    await bus.declare(topology.bus_plan())
+    supervisor = Supervisor(topology, store=store, bus=bus, metrics=Metrics(), rng=random.Random(1))
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        try:
+            yield supervisor
+        finally:
+            supervisor.stop()
+
+
+def saved_offset(store: MemoryEventStore) -> int:
+    saved = store._checkpoints.get(stream_offset_name("worker", STREAM))
+    return -1 if saved is None else saved.position
+
+
+async def wait_until_offset_passes_the_tail(bus: Bus, store: MemoryEventStore) -> None:
+    tail = await bus.stream_tail(STREAM, "tests")
+    assert tail is not None
+    await wait_until(lambda: saved_offset(store) == tail.offset + 1)
+
+
+class StreamRuntimeContract:
+    @pytest.fixture
+    def names(self) -> tuple[str, str]:
+        token = uuid.uuid4().hex[:8]
+        return f"reg{token}", f"q.{token}"
+
+    async def test_each_key_is_handled_in_order_with_four_workers(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        registry, queue = names
+        keys = [f"k{i}" for i in range(8)]
+        async with running(bus, stream_topology(registry, queue, consumers=4)):
+            for seq in range(25):
+                await write_jobs(
+                    bus,
+                    [
+                        (registry, key, seq, "sleep", {"seconds": random.random() / 500})
+                        for key in keys
+                    ],
+                )
+            await wait_until(lambda: len(HANDLED[registry]) == 200)
+        for key in keys:
+            assert [s for k, s, _ in HANDLED[registry] if k == key] == list(range(25))
+
+    async def test_entries_bound_elsewhere_are_not_handed_to_the_actor(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        registry, queue = names
+        store = MemoryEventStore()
+        async with running_on(bus, stream_topology(registry, queue), store):
+            await write(bus, f"other{registry}", "x", 0)
+            await write(bus, registry, "mine", 0)
+            await wait_until(lambda: len(HANDLED[registry]) == 1)
+            # every entry up to the last is settled or not ours: the offset passes them all
+            await wait_until_offset_passes_the_tail(bus, store)
+        assert HANDLED[registry] == [("mine", 0, 0)]
+        assert ATTEMPTS.get(f"other{registry}") is None
+
+    async def test_a_failing_entry_climbs_the_ladder_to_the_dlq_while_others_flow(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        registry, queue = names
+        store = MemoryEventStore()
+        async with running_on(bus, stream_topology(registry, queue, max_attempts=3), store):
+            await write(bus, registry, "poison", 0, "fail")
+            for seq in range(10):
+                await write(bus, registry, "good", seq)
+            await wait_until(lambda: len(HANDLED[registry]) == 10)
+            await wait_until(lambda: len(ATTEMPTS[registry]) == 13)
+            letters = await _wait_dead_letters(bus, queue, 1)
+            # the poison entry was settled by its first retry: the offset does not wait for it
+            await wait_until_offset_passes_the_tail(bus, store)
+        assert [a for k, _, a in ATTEMPTS[registry] if k == "poison"] == [0, 1, 2]
+        (letter,) = letters
+        assert letter.attempts == 3
+        assert letter.headers["x-original-exchange"] == STREAM
+        assert letter.headers["x-original-routing-key"] == f"{registry}.poison"
+
+    async def test_a_restart_resumes_from_the_saved_offset_and_handles_nothing_twice(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        registry, queue = names
+        store = MemoryEventStore()
+        topology = stream_topology(registry, queue)
+        async with running_on(bus, topology, store):
+            for seq in range(20):
+                await write(bus, registry, "a", seq)
+            await wait_until(lambda: len(HANDLED[registry]) == 20)
+        async with running_on(bus, topology, store):
+            for seq in range(20, 30):
+                await write(bus, registry, "a", seq)
+            await wait_until(lambda: len(HANDLED[registry]) == 30)
+            await anyio.sleep(0.3)
+        assert [s for _, s, _ in HANDLED[registry]] == list(range(30))
+
+    async def test_a_crash_mid_entry_hands_it_again_and_it_is_handled_once(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        registry, queue = names
+        store = MemoryEventStore()
+        async with running_on(bus, stream_topology(registry, queue), store) as supervisor:
+            await write(bus, registry, "slow", 0, "sleep", seconds=0.5)
+            await wait_until(lambda: len(ATTEMPTS[registry]) == 1)
+            supervisor.crash("worker")
+            await wait_until(lambda: len(HANDLED[registry]) == 1)
+            await wait_until(lambda: supervisor.ready)
+        assert HANDLED[registry] == [("slow", 0, 0)]
+        assert len(ATTEMPTS[registry]) == 2  # interrupted once, then completed once
+
+    async def test_two_runtimes_on_one_store_handle_each_entry_once_in_all(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        """One reader per actor and stream across processes (a lease on the store): the
+        other runtime's reader stands by, and takes over when the first one stops."""
+        registry, queue = names
+        store = MemoryEventStore()
+        topology = stream_topology(registry, queue)
+        async with running_on(bus, topology, store):
+            async with running_on(bus, topology, store):
+                for seq in range(30):
+                    await write(bus, registry, "k", seq)
+                await wait_until(lambda: len(HANDLED[registry]) == 30)
+                await anyio.sleep(0.3)
+            for seq in range(30, 40):  # the first runtime's reader has stopped
+                await write(bus, registry, "k", seq)
+            await wait_until(lambda: len(HANDLED[registry]) == 40)
+            await anyio.sleep(0.3)
+        assert [s for _, s, _ in HANDLED[registry]] == list(range(40))

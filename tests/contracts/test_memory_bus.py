@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from runtime.bus.memory import MemoryBus, topic_matches
+from runtime.bus.memory import MemoryBus
+from runtime.bus.streams import topic_matches
 from runtime.errors import BusUnavailableError
 from tests.contracts.bus import BusContract
 

@@ -35,6 +35,7 @@ from runtime.supervisor import Supervisor
 from runtime.topology import Topology, parse_topology
 from tests.contracts.runtime import wait_until
 from tests.support.ledger import LEDGER, Deposited, LedgerEvent, Opened, Renamed, Withdrawn
+from tests.support.streams import write_events
 
 CODEC = EventCodec().register(LedgerEvent)
 EXCHANGE = "complaints.events"
@@ -408,15 +409,39 @@ async def test_a_supervised_projection_fills_the_shared_embedded_read_model() ->
             await tg.start(supervisor.run)
             shuffled = [*records, *records[::3]]  # some published twice, out of order
             random.Random(3).shuffle(shuffled)
-            for record in shuffled:
-                await bus.publish(
-                    EXCHANGE,
-                    routing_key(record),
-                    encode_event(record),
-                    message_id=str(record.event_id),
-                    headers=event_headers(record),
-                )
+            await write_events(bus, EXCHANGE, shuffled)
             handled = len(records) + len(records[::3])
             await wait_until(lambda: sum(a.handled for a in supervisor.statistics()) == handled)
             supervisor.stop()
     await assert_projected_exactly_once(read_model_store_for(url), records)
+
+
+async def test_a_projection_behind_the_streams_retention_catches_up_from_the_store() -> None:
+    """The stream kept only its last entries: the account whose events all went with the
+    retention is read from the event store, then the stream goes on; nothing twice."""
+    store = MemoryEventStore()
+    url = embedded_url()
+    topology = topology_for(url)
+    topology = msgspec.structs.replace(
+        topology, streams=msgspec.structs.replace(topology.streams, max_length_bytes=2000)
+    )
+    early = await append_script(store, [(0, [Opened("gone"), Deposited(5), Deposited(6)])])
+    later = await append_script(
+        store, [(n % 3, [Opened(f"o{n}")] if n < 3 else [Deposited(n)]) for n in range(12)]
+    )
+    async with MemoryBus() as bus:
+        await bus.declare(topology.bus_plan())
+        await write_events(bus, EXCHANGE, [*early, *later])
+        async with bus.read_stream(EXCHANGE, 0) as chunks:
+            kept = await anext(chunks)
+        assert kept[0].offset > len(early), "the retention dropped the early entries"
+        supervisor = Supervisor(
+            topology, store=store, bus=bus, metrics=Metrics(), rng=random.Random(1)
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(supervisor.run)
+            await wait_until(
+                lambda: sum(a.handled for a in supervisor.statistics()) >= len(early) + len(kept)
+            )
+            supervisor.stop()
+    await assert_projected_exactly_once(read_model_store_for(url), [*early, *later])

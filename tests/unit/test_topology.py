@@ -78,13 +78,15 @@ def test_the_full_topology_plans_the_queues_of_the_design_document() -> None:
     assert {exchange.type for exchange in plan.exchanges} == {"topic"}
     assert {"complaint.commands", "audit.all.events", "saga.orchestration"} <= set(queues)
     assert queues["complaint.commands"].bindings == ()
+    # The domain's events are read from its stream, the other exchanges through queues.
+    assert [stream.name for stream in plan.streams] == ["complaints.events"]
     assert queues["audit.all.events"].bindings == tuple(
         Binding(exchange=name, routing_key="#")
-        for name in ("complaints.events", "saga.events", "notifications.events", "audit.events")
+        for name in ("saga.events", "notifications.events", "audit.events")
     )
-    assert queues["saga.orchestration"].bindings == (
-        Binding(exchange="complaints.events", routing_key="complaint.#"),
-    )
+    assert queues["saga.orchestration"].bindings == ()
+    audit = topology.actors["audit"]
+    assert audit.stream_bindings(topology.stream_names) == {"complaints.events": ("#",)}
     assert queues["complaint.commands"].retry_delays == (1.0, 5.0, 30.0)
     assert queues["audit.all.events"].retry_delays == (1.0, 5.0, 30.0, 120.0)
     assert queues["saga.orchestration"].queue_type == "quorum"
