@@ -7,11 +7,14 @@ Every figure is measured twice in the same run: once through magasin, once throu
 per-message aio-pika/psycopg pipeline. The last column is magasin / plain (throughput: below
 1 means magasin is slower; latency: above 1 means magasin is slower). Nothing is asserted.
 
-magasin: a ``Supervisor`` runs a topology with the relay and one projection actor
-(``FlowProjection``: one balance document per account; ``consumers: 4``, ``prefetch: 256``).
-``--writers`` tasks append one event per append (``PostgresEventStore.append``) to many
-streams of their own, on the runtime's store. The relay publishes them (confirmed, to quorum
-queues), the projection applies each in one read-model transaction, and the runtime acks.
+magasin: a ``Supervisor`` runs a topology with the relay and ``--subscribers`` projection
+actors (``FlowProjection``: one balance document per account, each actor its own read model;
+``--consumers`` workers each, ``prefetch: 256``), as many as the default topology has event
+subscribers (six). ``--writers`` tasks append one event per append
+(``PostgresEventStore.append``) to many streams of their own, on the runtime's store. The
+relay writes them to the domain's RabbitMQ stream (one chunk per batch, confirmed); each
+projection reads the stream from its own offset and applies its batches in one read-model
+transaction each. An event counts as projected when every subscriber has committed it.
 
 plain: each writer does, per event, an autocommit ``INSERT`` into a copy of the same
 ``event_store`` table (one connection per writer), then publishes it persistently to a topic
@@ -23,11 +26,11 @@ deduplication, no ordering, no retry ladder: the naive pipeline.
 Instants are ``time.perf_counter()`` in this process, per event id:
 
 - commit: the writer's append (plain: INSERT) returned;
-- confirm: the broker's publisher confirm was received (magasin: the bus's ``publish_many``
-  of the relay's batch returned, every event of it confirmed, observed by a ``RabbitMQBus``
+- confirm: the broker's publisher confirm was received (magasin: the bus's ``write_stream``
+  of the relay's batch returned, every entry of it confirmed, observed by a ``RabbitMQBus``
   subclass);
-- projected: the read-model transaction committed (magasin: the projection's ``handle``
-  returned, before the ack; plain: the upsert returned, before the ack).
+- projected: the read-model transaction committed (magasin: the last of the subscribers'
+  ``handle`` returned; plain: the upsert returned, before the ack).
 
 Phases (each after an unmeasured warm-up, both pipelines idle and drained in between):
 
@@ -83,7 +86,7 @@ from bench.common import (
     progress,
     raise_interrupt,
 )
-from runtime.bus.protocol import Delivery, Outgoing
+from runtime.bus.protocol import Delivery, StreamWrite
 from runtime.bus.rabbitmq import RabbitMQBus
 from runtime.observability.metrics import Metrics
 from runtime.projection import ProjectionHandler
@@ -212,6 +215,8 @@ class FlowProjection(ProjectionHandler):
 
     codec = CODEC
     timings: ClassVar[Timings | None] = None
+    subscribers: ClassVar[int] = 1  # an event is projected once this many have committed it
+    commits: ClassVar[dict[str, int]] = {}
 
     async def apply(self, tx: ReadModelTx, event: Envelope[Any]) -> None:
         doc = await tx.get("accounts", event.aggregate_id) or {"balance": 0, "events": 0}
@@ -236,23 +241,29 @@ class FlowProjection(ProjectionHandler):
         if timings is None:
             return
         now = time.perf_counter()
+        commits = type(self).commits
+        everyone = type(self).subscribers
         for delivery in deliveries:
-            timings.projected.setdefault(delivery.message_id, now)
+            seen = commits.get(delivery.message_id, 0) + 1
+            commits[delivery.message_id] = seen
+            if seen == everyone:
+                timings.projected.setdefault(delivery.message_id, now)
 
 
 class TimedBus(RabbitMQBus):
-    """The RabbitMQ bus, recording when each publish was confirmed (the relay's batches;
-    ``publish`` goes through ``publish_many`` too)."""
+    """The RabbitMQ bus, recording when each entry the relay wrote was confirmed."""
 
     timings: Timings | None = None
 
-    async def publish_many(self, messages: Sequence[Outgoing]) -> None:
-        await super().publish_many(messages)  # every publish comes here: all confirmed now
+    async def write_stream(
+        self, stream: str, producer: str, entries: Sequence[StreamWrite]
+    ) -> None:
+        await super().write_stream(stream, producer, entries)  # all confirmed now
         timings = self.timings
         if timings is not None:
             now = time.perf_counter()
-            for message in messages:
-                timings.confirmed.setdefault(message.message_id, now)
+            for entry in entries:
+                timings.confirmed.setdefault(entry.message_id, now)
 
 
 # When run as ``python -m bench.flow`` this module is ``__main__``: name it so, or the
@@ -262,19 +273,26 @@ domains: {{{AGGREGATE_TYPE}: {EXCHANGE}}}
 actors:
   relay:
     kind: relay
-    options: {{batch_size: 500, max_in_flight: 1000}}
-  {PROJECTION}:
-    kind: projection
-    handler: {__name__}:FlowProjection
-    bind: {{{EXCHANGE}: ["{AGGREGATE_TYPE}.#"]}}
-    consumers: {CONSUMERS}
-    prefetch: {PREFETCH}
-    options: {{schema: {SCHEMA}}}
+    options: {{batch_size: 500}}
+"""
+SUBSCRIBER = f"""
+kind: projection
+handler: {__name__}:FlowProjection
+bind: {{{EXCHANGE}: ["{AGGREGATE_TYPE}.#"]}}
+prefetch: {PREFETCH}
+batch_size: 500
+options: {{schema: {SCHEMA}}}
 """
 
 
-def flow_topology(dsn: str, amqp_url: str) -> Topology:
-    topology = parse_topology(TOPOLOGY, source="bench.flow", env={})
+def flow_topology(dsn: str, amqp_url: str, subscribers: int = 1, consumers: int = 1) -> Topology:
+    text = TOPOLOGY + "".join(
+        f"  {PROJECTION}-{k}:\n"
+        + "".join(f"    {line}\n" for line in SUBSCRIBER.strip().splitlines())
+        + f"    consumers: {consumers}\n"
+        for k in range(subscribers)
+    )
+    topology = parse_topology(text, source="bench.flow", env={})
     return msgspec.structs.replace(topology, database_url=dsn, amqp_url=amqp_url)
 
 
@@ -376,7 +394,9 @@ async def magasin_runtime(ctx: Context) -> AsyncIterator[Runtime]:
     try:
         bus = await TimedBus.connect(ctx.amqp_url, name="magasin-bench-flow")
         try:
-            topology = flow_topology(ctx.dsn, ctx.amqp_url)
+            args = ctx.args
+            topology = flow_topology(ctx.dsn, ctx.amqp_url, args.subscribers, args.consumers)
+            FlowProjection.subscribers = args.subscribers
             await bus.declare(topology.bus_plan())
             supervisor = Supervisor(topology, store=store, bus=bus, metrics=metrics)
             async with anyio.create_task_group() as tg:
@@ -396,6 +416,7 @@ async def magasin_phase(
 ) -> FlowRun:
     timings = Timings()
     FlowProjection.timings = timings
+    FlowProjection.commits = {}
     runtime.bus.timings = timings
     run = FlowRun(timings)
     store = runtime.store
@@ -749,6 +770,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--seconds", type=float, default=None, help="measured seconds per phase (default 12)"
     )
     parser.add_argument("--writers", type=int, default=8, help="concurrent writers (8)")
+    parser.add_argument(
+        "--subscribers", type=int, default=6, help="projections reading the stream (6)"
+    )
+    parser.add_argument("--consumers", type=int, default=1, help="workers of each projection (1)")
     parser.add_argument(
         "--rate",
         type=float,

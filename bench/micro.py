@@ -6,7 +6,11 @@
    500 with every message of a batch in flight at once, the relay's nine headers on each;
    after each, consuming them back through ``RabbitMQBus.consume`` (prefetch 256) and acking
    each, which every delivery to an actor costs.
-2. A read-model-sized PostgreSQL transaction (BEGIN, two SELECTs, an UPDATE, COMMIT) through
+2. Streams: CPU per entry written with ``RabbitMQBus.write_stream`` (batches of 500, the
+   relay's headers, confirmed), then per entry handed out by ``consume_stream`` and settled
+   (what reaches a stream subscriber's handler): the path that replaced a queue delivery per
+   subscriber. The issue's aim is 30 us per stream event.
+3. A read-model-sized PostgreSQL transaction (BEGIN, two SELECTs, an UPDATE, COMMIT) through
    psycopg's async connection, with and without pipeline mode: CPU per transaction.
 
 CPU is this process's (``time.process_time``), the figure that bounds a one-process runtime.
@@ -22,13 +26,22 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 
 import aio_pika
 import psycopg
 from aio_pika import DeliveryMode, Message
 
 from bench.common import Vhost, load_average
-from runtime.bus.protocol import Binding, BusPlan, ExchangeSpec, Outgoing, QueueSpec
+from runtime.bus.protocol import (
+    Binding,
+    BusPlan,
+    ExchangeSpec,
+    Outgoing,
+    QueueSpec,
+    StreamSpec,
+    StreamWrite,
+)
 from runtime.bus.rabbitmq import RabbitMQBus
 
 AMQP_BASE = os.environ.get("MAGASIN_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -117,6 +130,56 @@ async def publishing(amqp_url: str, messages: int) -> list[tuple[str, float]]:
     return results
 
 
+async def streaming(amqp_url: str, messages: int) -> list[tuple[str, float]]:
+    bus = await RabbitMQBus.connect(amqp_url, name="magasin-bench-micro-stream")
+    stream = "micro.stream"
+    queue = QueueSpec("micro.subscriber")
+    await bus.declare(BusPlan(queues=(queue,), streams=(StreamSpec(stream),)))
+    body = b'{"payload": "' + b"x" * 380 + b'"}'
+    written = 0
+
+    async def write() -> None:
+        nonlocal written
+        for _ in range(messages // BATCH):
+            await bus.write_stream(
+                stream,
+                "micro",
+                [
+                    StreamWrite(
+                        written + i + 1, "account.Deposited", str(uuid.uuid4()), body, HEADERS
+                    )
+                    for i in range(BATCH)
+                ],
+            )
+            written += BATCH
+
+    async def read_and_settle(start: int) -> None:
+        async with bus.consume_stream(
+            stream, queue=queue.name, offset=start, routing_keys=["account.#"], prefetch=1000
+        ) as deliveries:
+            received = 0
+            async for delivery in deliveries:
+                await bus.ack(delivery)
+                received += 1
+                if received == messages:
+                    return
+
+    results = []
+    try:
+        for _ in range(2):
+            start = written
+            results.append(("RabbitMQBus.write_stream", await cpu_per_item(messages, write)))
+            results.append(
+                (
+                    "  then consume_stream + ack",
+                    await cpu_per_item(messages, partial(read_and_settle, start)),
+                )
+            )
+    finally:
+        await bus.close()
+    return results
+
+
 async def transactions(dsn: str, count: int) -> list[tuple[str, float]]:
     conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
     await conn.execute("CREATE TEMP TABLE micro (k text PRIMARY KEY, v integer)")
@@ -163,6 +226,11 @@ async def main(args: argparse.Namespace) -> None:
             f"publishing {args.messages:,} confirmed messages, batches of {BATCH}:",
             "us CPU/message",
             await publishing(amqp_url, args.messages),
+        )
+        report(
+            f"streams: {args.messages:,} entries, batches of {BATCH}:",
+            "us CPU/entry",
+            await streaming(amqp_url, args.messages),
         )
     finally:
         vhost.delete()
