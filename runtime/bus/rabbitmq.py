@@ -31,7 +31,7 @@ import contextlib
 import itertools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
 
@@ -76,8 +76,13 @@ from runtime.bus.protocol import (
     Outgoing,
     QueueSpec,
     Reply,
+    StreamEntry,
+    StreamSpec,
+    StreamWrite,
     header_dict,
 )
+from runtime.bus.rabbitmq_streams import RabbitStreams, stream_url_for
+from runtime.bus.streams import StreamSettlement
 from runtime.errors import (
     BusError,
     BusUnavailableError,
@@ -122,6 +127,19 @@ def work_queue_arguments(spec: QueueSpec) -> dict[str, Any]:
         arguments["x-delivery-limit"] = spec.delivery_limit
         arguments["x-dead-letter-strategy"] = "at-least-once"
         arguments["x-overflow"] = "reject-publish"
+    return arguments
+
+
+def stream_arguments(spec: StreamSpec) -> dict[str, Any]:
+    """A stream is a queue of type ``stream``; its retention goes a segment at a time."""
+    arguments: dict[str, Any] = {
+        "x-queue-type": "stream",
+        "x-stream-max-segment-size-bytes": spec.max_segment_size_bytes,
+    }
+    if spec.max_age is not None:
+        arguments["x-max-age"] = f"{max(1, round(spec.max_age))}s"
+    if spec.max_length_bytes is not None:
+        arguments["x-max-length-bytes"] = spec.max_length_bytes
     return arguments
 
 
@@ -193,8 +211,9 @@ def _channel_gone(message: AbstractIncomingMessage) -> bool:
         return True
 
 
-class RabbitMQBus(RepublishingSettlement):
-    """A ``Bus`` on RabbitMQ. Create with :meth:`connect`; close when done."""
+class RabbitMQBus(StreamSettlement, RepublishingSettlement):
+    """A ``Bus`` on RabbitMQ. Create with :meth:`connect`; close when done. Streams go
+    through the stream protocol (``runtime/bus/rabbitmq_streams.py``)."""
 
     def __init__(
         self,
@@ -203,7 +222,9 @@ class RabbitMQBus(RepublishingSettlement):
         *,
         where: str,
         publish_timeout: float,
+        streams: RabbitStreams,
     ) -> None:
+        self._streams = streams
         self._connection = connection
         self._publisher = publisher
         self._where = where
@@ -228,9 +249,11 @@ class RabbitMQBus(RepublishingSettlement):
         connect_timeout: float = 10.0,
         reconnect_interval: float = 2.0,
         publish_timeout: float = 30.0,
+        stream_url: str | None = None,
     ) -> RabbitMQBus:
         """Connect to ``url`` (``amqp://user:password@host:port/vhost``); ``name`` is the
-        connection name the management UI and ``rabbitmqctl list_connections`` show."""
+        connection name the management UI and ``rabbitmqctl list_connections`` show.
+        ``stream_url``: the stream protocol's address (default: ``stream_url_for(url)``)."""
         where = describe_url(url)
         connection = RobustConnection(
             URL(url),
@@ -246,8 +269,20 @@ class RabbitMQBus(RepublishingSettlement):
             await connection.close()
             cause = _redact(str(exc) or type(exc).__name__, url)
             raise BusUnavailableError(where, cause) from None
+        try:
+            streams = await RabbitStreams.connect(
+                stream_url or stream_url_for(url),
+                name=name,
+                connect_timeout=connect_timeout,
+                confirm_timeout=publish_timeout,
+            )
+        except BaseException:
+            await connection.close()
+            raise
         logger.info("message bus connected to {where} as {name}", where=where, name=name)
-        return cls(connection, publisher, where=where, publish_timeout=publish_timeout)
+        return cls(
+            connection, publisher, where=where, publish_timeout=publish_timeout, streams=streams
+        )
 
     @property
     def connected(self) -> bool:
@@ -268,6 +303,7 @@ class RabbitMQBus(RepublishingSettlement):
                 "was answered",
             )
         )
+        await self._streams.close()
         await self._connection.close()
 
     # --- topology ----------------------------------------------------------------------
@@ -279,6 +315,25 @@ class RabbitMQBus(RepublishingSettlement):
                 await self._declare_exchange(channel, exchange.name, ExchangeType(exchange.type))
             for spec in plan.queues:
                 await self._declare_queues(channel, spec)
+            for stream in plan.streams:
+                await _declare_queue(channel, stream.name, stream_arguments(stream))
+
+    # --- streams -------------------------------------------------------------------------
+
+    async def write_stream(
+        self, stream: str, producer: str, entries: Sequence[StreamWrite]
+    ) -> None:
+        await self._streams.write(stream, producer, entries)
+
+    async def stream_tail(self, stream: str, producer: str) -> StreamEntry | None:
+        return await self._streams.tail(stream, producer)
+
+    def read_stream(
+        self, stream: str, offset: int, *, credit: int = 8
+    ) -> AbstractAsyncContextManager[AsyncIterator[Sequence[StreamEntry]]]:
+        if offset < 0:
+            raise ValueError(f"a stream offset is at least 0, got {offset}")
+        return self._streams.read(stream, offset, credit)
 
     async def _declare_exchange(
         self, channel: AbstractChannel, name: str, kind: ExchangeType
@@ -659,6 +714,8 @@ class RabbitMQBus(RepublishingSettlement):
         return message
 
     async def ack(self, delivery: Delivery) -> None:
+        if self.settle_stream(delivery):
+            return
         message = self._take(delivery)
         if message is not None:
             try:
@@ -667,6 +724,8 @@ class RabbitMQBus(RepublishingSettlement):
                 _log_stale(delivery, f"its channel is gone ({type(exc).__name__})")
 
     async def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
+        if delivery.consumer < 0:
+            return  # a stream has no requeue: left unsettled, it is read again on restart
         message = self._take(delivery)
         if message is not None:
             try:

@@ -3,7 +3,11 @@
 An entry is one AMQP 1.0 message whose single data section is a JSON object::
 
     {"publishing_id": 42, "routing_key": "complaint.ComplaintCreated",
-     "message_id": "…", "headers": {…}, "body": <the message body, embedded as JSON>}
+     "message_id": "…", "headers": {…}, "body": <the message body, embedded as JSON>,
+     "producer": "relay"}
+
+``producer`` names the writer whose ``publishing_id`` it is (two producers may both write
+id 42): how a bus that reads the stream back finds a producer's last entry.
 
 Any reader of the stream can read it: AMQP 0.9.1 with ``x-stream-offset`` gets that JSON as
 the message body, the stream protocol gets the AMQP 1.0 message (PITFALLS: raw bytes would
@@ -73,14 +77,15 @@ class _Entry(msgspec.Struct):
     message_id: str
     headers: dict[str, HeaderValue]
     body: msgspec.Raw
+    producer: str = ""
 
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(_Entry)
 
 
-def encode_entry(entry: StreamWrite) -> bytes:
-    """The JSON object of one entry (``body`` must itself be JSON)."""
+def encode_entry(entry: StreamWrite, producer: str = "") -> bytes:
+    """The JSON object of one entry (``body`` must itself be JSON) written by ``producer``."""
     return _encoder.encode(
         _Entry(
             entry.publishing_id,
@@ -88,17 +93,23 @@ def encode_entry(entry: StreamWrite) -> bytes:
             entry.message_id,
             dict(entry.headers),
             msgspec.Raw(entry.body),
+            producer,
         )
     )
 
 
 def decode_entry(offset: int, data: bytes) -> StreamEntry:
     """An entry's JSON object back; ``MessageDecodeError`` if it is not one of ours."""
+    return decode_written_entry(offset, data)[1]
+
+
+def decode_written_entry(offset: int, data: bytes) -> tuple[str, StreamEntry]:
+    """The producer that wrote an entry ("" if unknown), and the entry (``decode_entry``)."""
     try:
         entry = _decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise MessageDecodeError(f"stream offset {offset}", data, exc) from exc
-    return StreamEntry(
+    return entry.producer, StreamEntry(
         offset,
         entry.publishing_id,
         entry.routing_key,

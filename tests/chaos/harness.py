@@ -31,7 +31,7 @@ from tests.support.durable import Record, read_records, task
 from tests.support.process import clean_env, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-EXCHANGE = "complaints.events"
+EXCHANGE = "saga.events"  # the drills exercise the queue path (domain exchanges are streams)
 LONG = os.environ.get("MAGASIN_CHAOS_LONG", "") not in {"", "0"}
 STARTUP_TIMEOUT = 30.0
 CLI_TIMEOUT = 120.0

@@ -19,13 +19,13 @@ import psycopg
 import pytest
 
 from runtime.bus.rabbitmq import RabbitMQBus
-from runtime.messages import encode_event, event_headers, routing_key
 from runtime.store.postgres import PostgresEventStore
 from runtime.store.protocol import Checkpoint
 from tests.support.complaints import write_complaints
 from tests.support.postgres import create_database
 from tests.support.process import ROOT, clean_env, magasin_running
 from tests.support.rabbitmq import HOST, PORT, create_vhost
+from tests.support.streams import write_events
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +79,8 @@ async def _all(store: PostgresEventStore) -> list[object]:
 
 
 async def duplicate_some(dsn: str, amqp: str, share: float, seed: int) -> int:
-    """Publish again a random ``share`` of the stored events, as a redelivery would."""
+    """Write again a random ``share`` of the stored events to the domain stream, as a
+    replaying writer whose deduplication failed would."""
     store = await PostgresEventStore.connect(dsn)
     bus = await RabbitMQBus.connect(amqp, name="test-duplicates")
     rng = random.Random(seed)
@@ -88,16 +89,11 @@ async def duplicate_some(dsn: str, amqp: str, share: float, seed: int) -> int:
         after = Checkpoint.START
         while page := await store.read_all(after, limit=1000):
             after = page[-1].checkpoint
-            for record in page:
-                for _ in range(rng.choice([0] * int(1 / share) + [1, 2])):
-                    await bus.publish(
-                        "complaints.events",
-                        routing_key(record),
-                        encode_event(record),
-                        message_id=str(record.event_id),
-                        headers=event_headers(record),
-                    )
-                    sent += 1
+            again = [
+                record for record in page for _ in range(rng.choice([0] * int(1 / share) + [1, 2]))
+            ]
+            await write_events(bus, "complaints.events", again)
+            sent += len(again)
     finally:
         await bus.close()
         await store.close()

@@ -63,10 +63,12 @@ async def test_a_projection_equals_the_fold_of_the_store_after_connection_faults
     rabbitmq_vhost: str,
 ) -> None:
     queue = f"balances.{uuid.uuid4().hex[:8]}"
+    stream = f"ledger.{uuid.uuid4().hex[:8]}"  # the vhost outlives the test's database
     topology = parse_topology(
         f"""
 database_url: "{pg_dsn}"
-domains: {{ledger: complaints.events}}
+exchanges: [{stream}]
+domains: {{ledger: {stream}}}
 defaults:
   restart: {{min_backoff: 50ms, max_backoff: 500ms, max_restarts: 50}}
   retry: {{delays: [100ms, 300ms], max_attempts: 10}}
@@ -76,7 +78,7 @@ actors:
     kind: projection
     handler: tests.support.projections:LedgerBalances
     queue: {queue}
-    bind: {{complaints.events: ["ledger.#"]}}
+    bind: {{{stream}: ["ledger.#"]}}
     consumers: 4
     prefetch: 64
     options: {{schema: {pg_schema}}}

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from runtime.bus.rabbitmq import RabbitMQBus
-from tests.contracts.runtime import RuntimeContract
+from tests.contracts.runtime import RuntimeContract, StreamRuntimeContract
 
 pytestmark = pytest.mark.integration
 
@@ -18,6 +18,16 @@ class TestRuntimeOnRabbitMQ(RuntimeContract):
     async def bus(self, amqp_url: str) -> AsyncIterator[RabbitMQBus]:
         bus = await RabbitMQBus.connect(
             amqp_url, name=f"magasin-runtime-{uuid.uuid4().hex[:8]}", reconnect_interval=0.2
+        )
+        yield bus
+        await bus.close()
+
+
+class TestStreamRuntimeOnRabbitMQ(StreamRuntimeContract):
+    @pytest.fixture
+    async def bus(self, amqp_url: str) -> AsyncIterator[RabbitMQBus]:
+        bus = await RabbitMQBus.connect(
+            amqp_url, name=f"magasin-stream-runtime-{uuid.uuid4().hex[:8]}", reconnect_interval=0.2
         )
         yield bus
         await bus.close()
