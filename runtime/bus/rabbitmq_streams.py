@@ -120,6 +120,7 @@ class RabbitStreams:
         self.confirm_timeout = confirm_timeout
         self.reconnect_timeout = reconnect_timeout
         self._producers: dict[str, Producer] = {}
+        self._broken: set[str] = set()  # producers whose connection closed
         self._lock = anyio.Lock()
         self._closed = False
 
@@ -144,19 +145,25 @@ class RabbitStreams:
             with anyio.fail_after(connect_timeout):
                 await producer.start()
         except CONNECTION_ERRORS as exc:
-            await _quietly(producer.close())
             raise BusUnavailableError(
                 streams.address.where,
                 f"the stream protocol does not answer ({exc or type(exc).__name__}); "
                 f"{PLUGIN_HINT} (port {streams.address.port})",
             ) from None
-        streams._producers[""] = producer
+        finally:
+            await _close(producer)  # a check: producers open when first needed
         return streams
 
     def _new_producer(self, name: str) -> Producer:
+        async def on_close(_: object) -> None:
+            # rstream's own recovery is off: the next write opens a new producer (and asks
+            # the broker for the name's last publishing id).
+            self._broken.add(name)
+
         return Producer(
             **self.address.client_arguments(),
             connection_name=f"{name}-producer",
+            on_close_handler=on_close,
             recovery_strategy=BackOffRecoveryStrategy(False),
         )
 
@@ -164,19 +171,30 @@ class RabbitStreams:
         self._closed = True
         producers, self._producers = list(self._producers.values()), {}
         for producer in producers:
-            await _quietly(producer.close())
+            await _close(producer)
 
     # --- writing -------------------------------------------------------------------------
 
     async def _producer(self, name: str) -> Producer:
+        # Not cancellable: a producer cancelled while it connects leaks rstream's sockets.
+        with anyio.CancelScope(shield=True), anyio.fail_after(self.confirm_timeout):
+            producer = await self._open_producer(name)
+        return producer
+
+    async def _open_producer(self, name: str) -> Producer:
         async with self._lock:
             producer = self._producers.get(name)
+            if producer is not None and name in self._broken:
+                del self._producers[name]
+                await _close(producer)
+                producer = None
+            self._broken.discard(name)
             if producer is None:
                 producer = self._new_producer(name)
                 try:
                     await producer.start()
                 except CONNECTION_ERRORS as exc:
-                    await _quietly(producer.close())
+                    await _close(producer)
                     raise BusUnavailableError(self.address.where, str(exc)) from None
                 self._producers[name] = producer
             return producer
@@ -185,7 +203,7 @@ class RabbitStreams:
         async with self._lock:
             producer = self._producers.pop(name, None)
         if producer is not None:
-            await _quietly(producer.close())
+            await _close(producer)
 
     async def write(self, stream: str, producer_name: str, entries: Sequence[StreamWrite]) -> None:
         if not entries:
@@ -204,11 +222,15 @@ class RabbitStreams:
                 done.set()
 
         try:
-            for frame in _frames(entries, producer_name):
-                waiting.update(m.publishing_id for m in frame if m.publishing_id is not None)
-                await producer.send_batch(
-                    stream, frame, publisher_name=producer_name, on_publish_confirm=on_confirm
-                )
+            # Sent whole or not at all (the first send also declares the publisher on a
+            # connection of its own, which a cancellation would leak); the wait for the
+            # confirms can be cancelled.
+            with anyio.CancelScope(shield=True), anyio.fail_after(self.confirm_timeout):
+                for frame in _frames(entries, producer_name):
+                    waiting.update(m.publishing_id for m in frame if m.publishing_id is not None)
+                    await producer.send_batch(
+                        stream, frame, publisher_name=producer_name, on_publish_confirm=on_confirm
+                    )
             with anyio.move_on_after(self.confirm_timeout) as deadline:
                 await done.wait()
         except rstream_errors.StreamDoesNotExist:
@@ -448,7 +470,7 @@ class _Reader:
             receive.close()
         if consumer is not None:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await _quietly(consumer.close())
+                await _close(consumer)
 
     async def close(self) -> None:
         await self._close_consumer()
@@ -469,6 +491,19 @@ def _frames(entries: Sequence[StreamWrite], producer: str) -> list[list[RawMessa
 
 
 async def _quietly(closing: Any) -> None:
-    """Close an rstream object, whatever state its connection is in."""
+    """Await an rstream close, whatever state its connection is in."""
     with contextlib.suppress(Exception):
         await closing
+
+
+async def _close(entity: Producer | Consumer) -> None:
+    """Close an rstream producer or consumer and every socket it opened. rstream 1.1.1's
+    ``Client.close`` leaves the socket of a connection the broker closed open (it only
+    closes live ones), which leaks a transport per dropped connection."""
+    pool = getattr(entity, "_pool", None)
+    clients = [c for cs in getattr(pool, "_clients", {}).values() for c in cs]
+    await _quietly(entity.close())
+    for client in clients:
+        writer = getattr(getattr(client, "_conn", None), "_writer", None)
+        if writer is not None and not writer.is_closing():
+            writer.close()
