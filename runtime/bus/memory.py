@@ -266,6 +266,8 @@ class MemoryBus(StreamSettlement, RepublishingSettlement):
             )
 
     def _declare_queue(self, spec: QueueSpec) -> None:
+        if spec.name in self._streams:
+            raise BusError(f"{spec.name!r} already exists as a stream, not a queue")
         existing = self._queues.get(spec.name)
         if existing is not None:
             if existing.spec is None or _settings(existing.spec) != _settings(spec):

@@ -222,9 +222,10 @@ class RabbitMQBus(StreamSettlement, RepublishingSettlement):
         *,
         where: str,
         publish_timeout: float,
-        streams: RabbitStreams,
+        streams: RabbitStreams | None = None,
     ) -> None:
-        self._streams = streams
+        # None only for buses built by hand in tests, which then have no streams.
+        self._streams = streams or RabbitStreams.unavailable(where)
         self._connection = connection
         self._publisher = publisher
         self._where = where

@@ -125,6 +125,15 @@ class RabbitStreams:
         self._closed = False
 
     @classmethod
+    def unavailable(cls, where: str) -> RabbitStreams:
+        """A stream side that refuses every call (a bus built without one)."""
+        streams = cls(
+            StreamAddress("unavailable", 0, "/", "", ""), confirm_timeout=1, reconnect_timeout=1
+        )
+        streams._closed = True
+        return streams
+
+    @classmethod
     async def connect(
         cls,
         url: str,
@@ -372,10 +381,12 @@ class _Reader:
             else ConsumerOffsetSpecification(OffsetType.OFFSET, self.next)
         )
         try:
-            await consumer.start()
-            await consumer.subscribe(
-                self.stream, on_message, offset_specification=spec, initial_credit=self.credit
-            )
+            # Not cancellable (a cancelled connect leaks rstream's socket), but bounded.
+            with anyio.CancelScope(shield=True), anyio.fail_after(self.streams.confirm_timeout):
+                await consumer.start()
+                await consumer.subscribe(
+                    self.stream, on_message, offset_specification=spec, initial_credit=self.credit
+                )
         except rstream_errors.StreamDoesNotExist:
             await self._close_consumer()
             raise UnknownQueueError(
