@@ -87,6 +87,11 @@ class StreamAddress:
     @classmethod
     def parse(cls, url: str) -> StreamAddress:
         parts = urlsplit(url)
+        if parts.scheme != "rabbitmq-stream":
+            raise BusError(
+                f"a stream URL looks like rabbitmq-stream://user:password@host:5552/vhost, got "
+                f"scheme {parts.scheme!r}; set stream_url (MAGASIN_STREAM_URL) or leave it empty"
+            )
         path = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
         return cls(
             host=parts.hostname or "localhost",
@@ -277,20 +282,50 @@ class RabbitStreams:
             await self._drop_producer(producer_name)
             raise BusUnavailableError(self.address.where, f"asking {stream!r}: {exc}") from None
         if not last:
+            # 0 also answers for a stream that does not exist (rstream drops the code)
+            if not await self._exists(producer, stream):
+                raise UnknownQueueError(
+                    f"stream {stream!r} does not exist; declare the bus plan first"
+                )
             return None
-        found: StreamEntry | None = None
-        async with self._subscription(stream, None, 4, producer_name) as entries:
-            with anyio.move_on_after(self.confirm_timeout):
-                async for entry in entries:
-                    if entry.publishing_id == last:
-                        found = entry
+        with anyio.fail_after(self.confirm_timeout):
+            return await self._find(stream, producer_name, last)
+
+    async def _exists(self, producer: Producer, stream: str) -> bool:
+        try:
+            return bool(await producer.stream_exists(stream))
+        except CONNECTION_ERRORS as exc:
+            raise BusUnavailableError(self.address.where, f"asking {stream!r}: {exc}") from None
+
+    async def _find(self, stream: str, producer_name: str, last: int) -> StreamEntry:
+        """The entry ``producer_name`` wrote with publishing id ``last``: in the last chunk,
+        else in windows four times larger each, further back."""
+        end: int | None = None  # the first offset of the last chunk
+        async with self._subscription(stream, None, 4, producer_name) as reader:
+            entries = reader.entries()
+            while True:
+                # the last chunk, and whatever is written meanwhile, until a quiet moment
+                with anyio.move_on_after(1.0 if end is not None else self.confirm_timeout):
+                    entry = await anext(entries)
+                    end = entry.offset if end is None else end
+                    if reader.wrote(entry) == producer_name and entry.publishing_id == last:
+                        return entry
+                    continue
+                break
+        window, stop = 500, end or 0
+        while stop > 0:
+            start = max(0, stop - window)
+            async with self._subscription(stream, start, 4, producer_name) as reader:
+                async for entry in reader.entries():
+                    if entry.offset >= stop:
                         break
-        if found is None:
-            raise BusError(
-                f"stream {stream!r}: producer {producer_name!r} last wrote publishing id {last}, "
-                "and its last chunk does not hold it (another producer wrote after it?)"
-            )
-        return found
+                    if reader.wrote(entry) == producer_name and entry.publishing_id == last:
+                        return entry
+            stop, window = start, window * 4
+        raise BusError(
+            f"stream {stream!r}: producer {producer_name!r} last wrote publishing id {last}, "
+            "and the stream no longer holds that entry (retention?)"
+        )
 
     # --- reading -------------------------------------------------------------------------
 
@@ -308,12 +343,12 @@ class RabbitStreams:
     @asynccontextmanager
     async def _subscription(
         self, stream: str, offset: int | None, credit: int, producer: str | None = None
-    ) -> AsyncIterator[AsyncIterator[StreamEntry]]:
+    ) -> AsyncIterator[_Reader]:
         """Entries from ``offset`` (None: the last chunk) until the subscription ends (only
         ``producer``'s, if named)."""
         reader = _Reader(self, stream, offset, credit, reconnect=False, producer=producer)
         try:
-            yield reader.entries()
+            yield reader
         finally:
             await reader.close()
 
@@ -340,6 +375,7 @@ class _Reader:
     ) -> None:
         self.streams = streams
         self.producer = producer
+        self._writers: dict[int, str] = {}  # offset -> producer, when ``producer`` is set
         self.stream = stream
         self.next = offset
         self.credit = credit
@@ -359,8 +395,7 @@ class _Reader:
                 entry = decode_entry(context.offset, data_section_body(message))
             else:
                 wrote, entry = decode_written_entry(context.offset, data_section_body(message))
-                if wrote != producer:
-                    return
+                self._writers[entry.offset] = wrote
             with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
                 await send.send(entry)
 
@@ -422,6 +457,10 @@ class _Reader:
                 pause = min(5.0, pause * 2)
                 continue
             return
+
+    def wrote(self, entry: StreamEntry) -> str:
+        """Who wrote ``entry`` (readers opened with a ``producer`` only)."""
+        return self._writers.pop(entry.offset, "")
 
     async def entries(self) -> AsyncIterator[StreamEntry]:
         while True:
