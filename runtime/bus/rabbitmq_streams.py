@@ -248,9 +248,7 @@ class RabbitStreams:
             with anyio.move_on_after(self.confirm_timeout) as deadline:
                 await done.wait()
         except rstream_errors.StreamDoesNotExist:
-            raise UnknownQueueError(
-                f"stream {stream!r} does not exist; declare the bus plan first"
-            ) from None
+            raise _no_stream(stream) from None
         except CONNECTION_ERRORS as exc:
             await self._drop_producer(producer_name)
             raise BusUnavailableError(self.address.where, f"writing to {stream!r}: {exc}") from None
@@ -275,18 +273,14 @@ class RabbitStreams:
             client = await producer.default_client
             last = await client.query_publisher_sequence(stream, producer_name)
         except rstream_errors.StreamDoesNotExist:
-            raise UnknownQueueError(
-                f"stream {stream!r} does not exist; declare the bus plan first"
-            ) from None
+            raise _no_stream(stream) from None
         except CONNECTION_ERRORS as exc:
             await self._drop_producer(producer_name)
             raise BusUnavailableError(self.address.where, f"asking {stream!r}: {exc}") from None
         if not last:
             # 0 also answers for a stream that does not exist (rstream drops the code)
             if not await self._exists(producer, stream):
-                raise UnknownQueueError(
-                    f"stream {stream!r} does not exist; declare the bus plan first"
-                )
+                raise _no_stream(stream)
             return None
         with anyio.fail_after(self.confirm_timeout):
             return await self._find(stream, producer_name, last)
@@ -424,9 +418,7 @@ class _Reader:
                 )
         except rstream_errors.StreamDoesNotExist:
             await self._close_consumer()
-            raise UnknownQueueError(
-                f"stream {self.stream!r} does not exist; declare the bus plan first"
-            ) from None
+            raise _no_stream(self.stream) from None
         except BaseException:
             await self._close_consumer()
             raise
@@ -538,6 +530,10 @@ def _frames(entries: Sequence[StreamWrite], producer: str) -> list[list[RawMessa
         frames[-1].append(RawMessage(data, publishing_id=entry.publishing_id))
         size += len(data) + 16
     return frames
+
+
+def _no_stream(stream: str) -> UnknownQueueError:
+    return UnknownQueueError(f"stream {stream!r} does not exist; declare the bus plan first")
 
 
 async def _quietly(closing: Any) -> None:

@@ -61,20 +61,8 @@ actors:
 
 @asynccontextmanager
 async def running(bus: Bus, topology: Topology) -> AsyncIterator[Supervisor]:
-    await bus.declare(topology.bus_plan())
-    supervisor = Supervisor(
-        topology,
-        store=MemoryEventStore(),
-        bus=bus,
-        metrics=Metrics(),
-        rng=random.Random(1),
-    )
-    async with anyio.create_task_group() as tg:
-        await tg.start(supervisor.run)
-        try:
-            yield supervisor
-        finally:
-            supervisor.stop()
+    async with running_on(bus, topology, MemoryEventStore()) as supervisor:
+        yield supervisor
 
 
 async def publish(bus: Bus, registry: str, key: str, seq: int, do: str = "ok", **kw: float) -> None:
