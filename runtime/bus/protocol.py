@@ -1,6 +1,7 @@
 """The bus protocol both buses implement (tests/contracts/bus.py is its definition).
 
 Verbs: declare, publish, consume, ack, nack, retry, dead_letter; request and reply (RPC);
+streams: write_stream, stream_tail, read_stream, consume_stream (tests/contracts/streams.py);
 plus the dead-letter administration the CLI uses. Nothing above an adapter imports aio-pika.
 """
 

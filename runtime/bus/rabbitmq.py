@@ -225,7 +225,7 @@ class RabbitMQBus(StreamSettlement, RepublishingSettlement):
         streams: RabbitStreams | None = None,
     ) -> None:
         # None only for buses built by hand in tests, which then have no streams.
-        self._streams = streams or RabbitStreams.unavailable(where)
+        self._streams = streams or RabbitStreams.unavailable()
         self._connection = connection
         self._publisher = publisher
         self._where = where

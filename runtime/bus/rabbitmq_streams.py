@@ -130,7 +130,7 @@ class RabbitStreams:
         self._closed = False
 
     @classmethod
-    def unavailable(cls, where: str) -> RabbitStreams:
+    def unavailable(cls) -> RabbitStreams:
         """A stream side that refuses every call (a bus built without one)."""
         streams = cls(
             StreamAddress("unavailable", 0, "/", "", ""), confirm_timeout=1, reconnect_timeout=1

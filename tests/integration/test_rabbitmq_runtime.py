@@ -13,21 +13,18 @@ from tests.contracts.runtime import RuntimeContract, StreamRuntimeContract
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture
+async def bus(amqp_url: str) -> AsyncIterator[RabbitMQBus]:
+    bus = await RabbitMQBus.connect(
+        amqp_url, name=f"magasin-runtime-{uuid.uuid4().hex[:8]}", reconnect_interval=0.2
+    )
+    yield bus
+    await bus.close()
+
+
 class TestRuntimeOnRabbitMQ(RuntimeContract):
-    @pytest.fixture
-    async def bus(self, amqp_url: str) -> AsyncIterator[RabbitMQBus]:
-        bus = await RabbitMQBus.connect(
-            amqp_url, name=f"magasin-runtime-{uuid.uuid4().hex[:8]}", reconnect_interval=0.2
-        )
-        yield bus
-        await bus.close()
+    """The queue path."""
 
 
 class TestStreamRuntimeOnRabbitMQ(StreamRuntimeContract):
-    @pytest.fixture
-    async def bus(self, amqp_url: str) -> AsyncIterator[RabbitMQBus]:
-        bus = await RabbitMQBus.connect(
-            amqp_url, name=f"magasin-stream-runtime-{uuid.uuid4().hex[:8]}", reconnect_interval=0.2
-        )
-        yield bus
-        await bus.close()
+    """The stream path (actors bound to a domain exchange)."""
