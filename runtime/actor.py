@@ -50,6 +50,7 @@ from runtime.errors import (
 )
 from runtime.hooks import Hooks, Outcome
 from runtime.observability.metrics import Metrics
+from runtime.parking import Parking
 from runtime.store.protocol import EventStore
 from runtime.stream_source import StreamSource
 
@@ -168,6 +169,11 @@ class ActorInstance(Protocol):
     def figures(self) -> InstanceFigures: ...
 
 
+#: Put in a worker's mailbox to make it look at its parked aggregates (``Parking.poll``
+#: found a block lifted or dead-lettered elsewhere). Compared by identity.
+WAKE = Delivery("", "", b"", {}, "", "", False, -1)
+
+
 def mailbox_index(key: str, workers: int) -> int:
     """Stable routing of an ordering key to a worker (the same on every process)."""
     return zlib.crc32(key.encode()) % workers
@@ -187,6 +193,9 @@ class QueueActor:
     _handled: int = 0
     _failed: int = 0
     _receivers: list[MemoryObjectReceiveStream[Delivery]] = field(default_factory=list)
+    _parking: Parking | None = None
+    _changed: list[set[str]] = field(default_factory=list)  # per worker: blocks to look at
+    parking_poll_interval: float = 1.0
 
     def drain(self) -> None:
         self._draining.set()
@@ -226,19 +235,24 @@ class QueueActor:
                 for queue in spec.queue_names
             ]
             streams = self.stream_sources()
+            self._parking = self._make_parking(streams)
+            await self._parking.load()
             senders: list[MemoryObjectSendStream[Delivery]] = []
             for _ in range(spec.consumers):
                 send, receive = anyio.create_memory_object_stream[Delivery](spec.prefetch)
                 senders.append(stack.enter_context(send))  # closed on every way out
                 self._receivers.append(stack.enter_context(receive))
+                self._changed.append(set())
             async with anyio.create_task_group() as workers:
-                for receive in self._receivers:
-                    workers.start_soon(self._worker, receive)
+                for index, receive in enumerate(self._receivers):
+                    workers.start_soon(self._worker, receive, index)
                 async with anyio.create_task_group() as pumps:
                     for source in sources:
                         pumps.start_soon(self._pump, source, senders)
                     for stream in streams:
                         pumps.start_soon(stream.run, partial(self._route, senders))
+                    if streams:
+                        pumps.start_soon(self._poll_parking, senders)
                     task_status.started()
                     await self._draining.wait()
                     pumps.cancel_scope.cancel()  # stop taking deliveries; keep the channels
@@ -250,6 +264,49 @@ class QueueActor:
                     "actor {actor}: grace period over; unsettled messages go back to the queue",
                     actor=self.context.name,
                 )
+
+    def _make_parking(self, streams: Sequence[StreamSource]) -> Parking:
+        ctx = self.context
+        retry = ctx.spec.retry
+        ladder = sum(retry.delays) + retry.max_attempts * retry.handler_timeout
+        return Parking(
+            actor=ctx.name,
+            store=ctx.store,
+            streams=frozenset(source.stream for source in streams),
+            dead_letter=self._dead_letter_parked,
+            metrics=ctx.metrics,
+            stale_after=max(600.0, 2 * ladder),
+        )
+
+    async def _dead_letter_parked(self, delivery: Delivery, error: BaseException) -> None:
+        ctx = self.context
+        await ctx.bus.dead_letter(delivery, error=error, actor=ctx.name)
+        self._failed += 1
+        self.hooks.after_handle(ctx.name, delivery, "dead_letter", 0.0, error)
+
+    async def _poll_parking(self, senders: list[MemoryObjectSendStream[Delivery]]) -> None:
+        """While some aggregate is blocked, look for blocks changed elsewhere (lifted by the
+        CLI or by another process that handled the blocker) and wake their workers."""
+        parking = self._parking
+        assert parking is not None
+        while True:
+            await anyio.sleep(self.parking_poll_interval)
+            try:
+                changed = await parking.poll()
+            except INFRASTRUCTURE_ERRORS as exc:
+                logger.warning(
+                    "actor {actor}: cannot look at its parked aggregates ({error!r})",
+                    actor=self.context.name,
+                    error=exc,
+                )
+                continue
+            woken: set[int] = set()
+            for key in changed:
+                index = mailbox_index(key, len(senders))
+                self._changed[index].add(key)
+                woken.add(index)
+            for index in woken:
+                await senders[index].send(WAKE)
 
     @staticmethod
     async def _route(senders: list[MemoryObjectSendStream[Delivery]], delivery: Delivery) -> None:
@@ -263,7 +320,7 @@ class QueueActor:
         # The source only ends if the consumer was cancelled under us (queue deleted, ...).
         raise BusError(f"the consumer of actor {self.context.name!r} was cancelled")
 
-    async def _worker(self, receive: MemoryObjectReceiveStream[Delivery]) -> None:
+    async def _worker(self, receive: MemoryObjectReceiveStream[Delivery], index: int) -> None:
         # On drain the mailbox is finished, not handed back: it holds at most ``prefetch``
         # messages, and requeueing them would let later messages of the same key overtake
         # them. What the grace period cannot finish goes back when the channel closes.
@@ -271,17 +328,53 @@ class QueueActor:
         batching = limit > 1 and isinstance(self.handler, BatchHandler)
         async with receive:
             async for delivery in receive:
+                if delivery is WAKE:
+                    await self._parking_changed(index)
+                    continue
                 batch = [delivery]
+                woken = False
                 while batching and len(batch) < limit:
                     try:
-                        batch.append(receive.receive_nowait())
+                        waiting = receive.receive_nowait()
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                if len(batch) == 1:
-                    await self._process(delivery)
-                elif not await self._process_batch(batch):
-                    for one in batch:
-                        await self._process(one)
+                    if waiting is WAKE:
+                        woken = True
+                        break
+                    batch.append(waiting)
+                await self._run_batch(batch)
+                if woken:
+                    await self._parking_changed(index)
+
+    async def _parking_changed(self, index: int) -> None:
+        parking = self._parking
+        keys, self._changed[index] = self._changed[index], set()
+        if parking is not None:
+            for released in await parking.take_changes(keys):
+                await self._one(released)
+
+    async def _run_batch(self, batch: list[Delivery]) -> None:
+        parking = self._parking
+        if parking is not None and parking.blocks:
+            batch = [d for d in batch if not await parking.intercept(d)]
+        if len(batch) > 1 and await self._process_batch(batch):
+            if parking is not None and parking.blocks:
+                for delivery in batch:
+                    for released in await parking.succeeded(delivery):
+                        await self._one(released)
+            return
+        for delivery in batch:
+            await self._one(delivery)
+
+    async def _one(self, delivery: Delivery) -> None:
+        """Handle one delivery unless it waits behind its aggregate's blocker; if it was the
+        blocker and succeeded, what waited behind it follows, in order."""
+        parking = self._parking
+        if parking is not None and await parking.intercept(delivery):
+            return
+        if await self._process(delivery) == "ack" and parking is not None and parking.blocks:
+            for released in await parking.succeeded(delivery):
+                await self._one(released)
 
     async def _process_batch(self, batch: list[Delivery]) -> bool:
         """Handle and ack ``batch`` in one go; False (nothing settled) if that failed."""
@@ -318,7 +411,7 @@ class QueueActor:
             self.hooks.after_handle(ctx.name, delivery, "ack", seconds, None)
         return True
 
-    async def _process(self, delivery: Delivery) -> None:
+    async def _process(self, delivery: Delivery) -> Outcome:
         ctx = self.context
         self._in_flight += 1
         self.hooks.before_handle(ctx.name, delivery)
@@ -341,6 +434,7 @@ class QueueActor:
             self.hooks.after_handle(
                 ctx.name, delivery, outcome, time.perf_counter() - started, error
             )
+        return outcome
 
     async def _handle(self, delivery: Delivery) -> tuple[Outcome, BaseException | None]:
         ctx = self.context
@@ -353,7 +447,7 @@ class QueueActor:
                     await self.handler.handle(delivery)
             except DEAD_ON_ARRIVAL as exc:
                 self._waiting.pop((delivery.consumer, delivery.delivery_tag), None)
-                await bus.dead_letter(delivery, error=exc, actor=ctx.name)
+                await self._dead_letter(delivery, exc)
                 return "dead_letter", exc
             except INFRASTRUCTURE_ERRORS as exc:
                 # The store or the broker is down, not this message. Hold the delivery and
@@ -388,15 +482,30 @@ class QueueActor:
         policy = ctx.spec.retry
         attempts = delivery.attempts + 1
         if attempts >= policy.max_attempts:
-            await ctx.bus.dead_letter(delivery, error=error, actor=ctx.name)
+            await self._dead_letter(delivery, error)
             return "dead_letter"
         rung = min(attempts, len(policy.delays))
         if isinstance(error, Retry) and error.delay is not None:
             # The smallest rung that waits at least as long as asked (the last one at most).
             longer = [i for i, d in enumerate(policy.delays, start=1) if d >= error.delay]
             rung = longer[0] if longer else len(policy.delays)
+        if self._parking is not None:  # before the retry: later events wait behind it
+            await self._parking.failed(delivery, dead=False, reason=_reason(error))
         await ctx.bus.retry(delivery, rung=rung, error=error, actor=ctx.name)
         return "retry"
+
+    async def _dead_letter(self, delivery: Delivery, error: BaseException) -> None:
+        ctx = self.context
+        parking = self._parking
+        if parking is not None:  # before the DLQ: later events follow it there
+            await parking.failed(delivery, dead=True, reason=_reason(error))
+        await ctx.bus.dead_letter(delivery, error=error, actor=ctx.name)
+        if parking is not None:
+            await parking.dead_lettered(delivery)
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 @dataclass

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     import httpx
 
     from runtime.bus.protocol import Bus
+    from runtime.store.protocol import ParkedKey
+    from runtime.topology import Topology
 
 _T = TypeVar("_T")
 
@@ -518,6 +520,28 @@ def _bus_call(topology_path: str, queue: str, call: Callable[[Bus], Awaitable[_T
     return result
 
 
+def _actors_of(topology: Topology, queue: str) -> list[str]:
+    """The actors whose work queue (where their retries and dead letters return) is ``queue``."""
+    return [name for name, spec in topology.actors.items() if spec.queue_names[:1] == (queue,)]
+
+
+async def _parked_keys(topology: Topology, queue: str) -> list[ParkedKey] | None:
+    """The aggregates the actors of ``queue`` hold back (None on the embedded store, whose
+    blocks live in the running process)."""
+    from runtime.store.factory import is_memory_url  # noqa: PLC0415
+    from runtime.store.postgres import PostgresEventStore  # noqa: PLC0415
+
+    url = topology.database_url
+    if is_memory_url(url):
+        return None
+    store = await PostgresEventStore.connect(url)
+    try:
+        actors = _actors_of(topology, queue)
+        return [row for row in await store.parked_keys() if row.actor in actors]
+    finally:
+        await store.close()
+
+
 _topology_option = click.option(
     "--topology",
     "topology_path",
@@ -543,6 +567,31 @@ def dlq_list(queue: str, topology_path: str, limit: int) -> None:
     from runtime.naming import dead_letter_queue  # noqa: PLC0415
 
     letters = _bus_call(topology_path, queue, lambda bus: bus.list_dead_letters(queue, limit))
+    topology = load_or_exit(topology_path, check_handlers=False)
+    parked = run_or_exit(_parked_keys, topology, queue)
+    if parked:
+        click.echo(
+            _table(
+                ("ACTOR", "AGGREGATE", "HELD BEHIND", "BLOCKER IS", "SINCE", "WHY"),
+                [
+                    (
+                        row.actor,
+                        row.key,
+                        row.blocker,
+                        "dead-lettered" if row.dead else "retrying",
+                        row.since.isoformat(timespec="seconds"),
+                        _shorten(row.reason, 40),
+                    )
+                    for row in parked
+                ],
+            )
+        )
+        click.echo(
+            f"\n{len(parked)} aggregate(s) held back: their later events wait behind the "
+            "blocker (in memory while it retries, in the DLQ as ParkedError once it is dead); "
+            f"replay in order with `magasin dlq replay {queue} --all`, or skip a blocker with "
+            f"`magasin dlq skip {queue} --id ID`\n"
+        )
     if not letters:
         click.echo(f"no dead letters in {dead_letter_queue(queue)}")
         return
@@ -579,6 +628,48 @@ def dlq_replay(queue: str, message_id: str | None, replay_all: bool, topology_pa
         click.echo(f"error: no dead letter with id {message_id!r} in {source}", err=True)
         sys.exit(1)
     click.echo(f"replayed {moved} message(s) from {source} to {queue}")
+
+
+@dlq.command("skip")
+@click.argument("queue")
+@click.option("--id", "message_id", required=True, help="The blocker to skip (its message id).")
+@_topology_option
+def dlq_skip(queue: str, message_id: str, topology_path: str) -> None:
+    """Give up on one dead letter of QUEUE on purpose: delete it and let the later events of
+    its aggregate, parked behind it, go on (replay them with `dlq replay QUEUE --all`)."""
+    from runtime.naming import dead_letter_queue  # noqa: PLC0415
+
+    topology = load_or_exit(topology_path, check_handlers=False)
+    dropped = _bus_call(topology_path, queue, lambda bus: bus.purge_dead_letters(queue, message_id))
+
+    async def lift() -> list[ParkedKey]:
+        from runtime.store.postgres import PostgresEventStore  # noqa: PLC0415
+
+        rows = [
+            row for row in await _parked_keys(topology, queue) or [] if row.blocker == message_id
+        ]
+        if rows:
+            store = await PostgresEventStore.connect(topology.database_url)
+            try:
+                for row in rows:
+                    await store.unpark(row.actor, row.key, message_id)
+            finally:
+                await store.close()
+        return rows
+
+    lifted: list[ParkedKey] = run_or_exit(lift)
+    if not dropped and not lifted:
+        click.echo(
+            f"error: no dead letter with id {message_id!r} in {dead_letter_queue(queue)}, and "
+            "no aggregate held back behind it",
+            err=True,
+        )
+        sys.exit(1)
+    click.echo(f"deleted {dropped} message(s) with id {message_id} from {dead_letter_queue(queue)}")
+    for row in lifted:
+        click.echo(f"actor {row.actor}: aggregate {row.key} no longer waits behind it")
+    if lifted:
+        click.echo(f"its parked events are in the DLQ: `magasin dlq replay {queue} --all`")
 
 
 @dlq.command("purge")

@@ -220,6 +220,22 @@ class Reject(ActorError):
     """Raised by a handler: this message can never succeed; send it to the DLQ now."""
 
 
+class ParkedError(ActorError):
+    """Why an event went to the dead-letter queue without being handled: an earlier event
+    of its aggregate failed and is in the dead-letter queue; it waits behind that one."""
+
+    def __init__(self, actor: str, key: str, blocker: str) -> None:
+        self.actor = actor
+        self.key = key
+        self.blocker = blocker
+        super().__init__(
+            f"actor {actor!r} parked it behind message {blocker}, an earlier event of "
+            f"aggregate {key} that is in the dead-letter queue: replay them in order "
+            "(`magasin dlq replay QUEUE --all`), or skip that one on purpose "
+            f"(`magasin dlq skip QUEUE --id {blocker}`) and replay"
+        )
+
+
 class MessageDecodeError(ActorError):
     """A message body that is not what the handler expects; it goes straight to the DLQ."""
 

@@ -13,7 +13,7 @@ from uuid import UUID
 
 import msgspec
 
-from runtime.bus.protocol import X_ORDERING_KEY, HeaderValue, StreamWrite
+from runtime.bus.protocol import X_ORDERING_KEY, X_VERSION, HeaderValue, StreamWrite
 from runtime.errors import MessageDecodeError
 from runtime.store.protocol import Metadata, RecordedEvent
 
@@ -21,7 +21,6 @@ X_CORRELATION_ID = "x-correlation-id"
 X_CAUSATION_ID = "x-causation-id"
 X_AGGREGATE_ID = "x-aggregate-id"
 X_AGGREGATE_TYPE = "x-aggregate-type"
-X_VERSION = "x-version"
 X_EVENT_TYPE = "x-event-type"
 X_SCHEMA_VERSION = "x-schema-version"
 X_POSITION = "x-position"

@@ -25,15 +25,17 @@ from runtime.bus.protocol import (
     X_ERROR,
     X_ERROR_TYPE,
     X_FIRST_FAILED_AT,
+    X_ORDERING_KEY,
     X_ORIGINAL_EXCHANGE,
     X_ORIGINAL_ROUTING_KEY,
+    X_VERSION,
     DeadLetter,
     Delivery,
     Headers,
     HeaderValue,
     Reply,
 )
-from runtime.errors import BusError, RequestTimeoutError
+from runtime.errors import BusError, ParkedError, RequestTimeoutError
 from runtime.naming import dead_letter_queue, retry_queue
 
 MAX_ERROR_LENGTH = 1000
@@ -48,9 +50,10 @@ def failure_headers(
     delivery: Delivery, *, error: BaseException, actor: str, now: datetime | None = None
 ) -> dict[str, HeaderValue]:
     """The headers of a failed message's copy (retry or dead letter): attempts + 1, the
-    error, the actor, and the first failure time and original address kept from before."""
+    error, the actor, and the first failure time and original address kept from before.
+    A parked message was not tried: its attempts stay as they were."""
     headers = _without_broker_headers(delivery.headers)
-    headers[X_ATTEMPTS] = delivery.attempts + 1
+    headers[X_ATTEMPTS] = delivery.attempts + (0 if isinstance(error, ParkedError) else 1)
     if not headers.get(X_FIRST_FAILED_AT):
         headers[X_FIRST_FAILED_AT] = (now or datetime.now(UTC)).isoformat()
     message = str(error) or type(error).__name__
@@ -71,6 +74,15 @@ def replay_headers(headers: Mapping[str, HeaderValue]) -> dict[str, HeaderValue]
         result.pop(key, None)
     result[X_ATTEMPTS] = 0
     return result
+
+
+def replay_order(headers: Mapping[str, HeaderValue]) -> tuple[str, int]:
+    """Sort key of dead letters to replay: an aggregate's events by version, so a blocker
+    goes back before the events parked behind it whatever order the queue holds them in
+    (listing a RabbitMQ DLQ requeues its messages, which may reorder them). Sort stably."""
+    version = headers.get(X_VERSION)
+    number = int(version) if isinstance(version, int | float) else 0
+    return str(headers.get(X_ORDERING_KEY) or ""), number
 
 
 def dead_letter_record(

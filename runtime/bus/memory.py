@@ -45,6 +45,7 @@ from runtime.bus.headers import (
     RepublishingSettlement,
     dead_letter_record,
     replay_headers,
+    replay_order,
 )
 from runtime.bus.protocol import (
     BusPlan,
@@ -660,7 +661,7 @@ class MemoryBus(StreamSettlement, RepublishingSettlement):
         dlq, work = self._queue(dead_letter_queue(queue)), self._queue(queue)
         chosen = [m for m in dlq.ready if message_id is None or m.message_id == message_id]
         dlq.ready = deque(m for m in dlq.ready if m not in chosen)
-        for message in chosen:
+        for message in sorted(chosen, key=lambda m: replay_order(m.headers)):
             self._put(
                 work,
                 _Message(
@@ -669,12 +670,13 @@ class MemoryBus(StreamSettlement, RepublishingSettlement):
             )
         return len(chosen)
 
-    async def purge_dead_letters(self, queue: str) -> int:
+    async def purge_dead_letters(self, queue: str, message_id: str | None = None) -> int:
         await anyio.lowlevel.checkpoint()
         self._expire_due()
         dlq = self._queue(dead_letter_queue(queue))
-        count = len(dlq.ready)
-        dlq.ready.clear()
+        kept = deque(m for m in dlq.ready if message_id is not None and m.message_id != message_id)
+        count = len(dlq.ready) - len(kept)
+        dlq.ready = kept
         return count
 
     async def close(self) -> None:

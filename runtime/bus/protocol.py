@@ -25,6 +25,7 @@ X_ERROR_TYPE = "x-error-type"  # the last error's class name
 X_ACTOR = "x-actor"  # the actor that failed it
 X_ORIGINAL_EXCHANGE = "x-original-exchange"  # where the message was first published
 X_ORIGINAL_ROUTING_KEY = "x-original-routing-key"
+X_VERSION = "x-version"  # an event's version in its aggregate (orders dead-letter replays)
 X_ORDERING_KEY = "x-ordering-key"  # mailbox routing (aggregate id); falls back to message id
 
 
@@ -292,10 +293,14 @@ class Bus(Protocol):
     async def list_dead_letters(self, queue: str, limit: int = 100) -> Sequence[DeadLetter]: ...
 
     async def replay_dead_letters(self, queue: str, message_id: str | None = None) -> int:
-        """Move one (by id) or all dead letters of ``queue`` back to it; returns how many."""
+        """Move one (by id) or all dead letters of ``queue`` back to it, each aggregate's
+        events in version order; returns how many."""
         ...
 
-    async def purge_dead_letters(self, queue: str) -> int: ...
+    async def purge_dead_letters(self, queue: str, message_id: str | None = None) -> int:
+        """Delete the dead letters of ``queue`` (only those with ``message_id``, if given)
+        for good; returns how many."""
+        ...
 
     async def close(self) -> None: ...
 

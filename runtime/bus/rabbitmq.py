@@ -66,6 +66,7 @@ from runtime.bus.headers import (
     RepublishingSettlement,
     dead_letter_record,
     replay_headers,
+    replay_order,
 )
 from runtime.bus.protocol import (
     BusPlan,
@@ -762,14 +763,16 @@ class RabbitMQBus(StreamSettlement, RepublishingSettlement):
         ]
 
     async def replay_dead_letters(self, queue: str, message_id: str | None = None) -> int:
-        """Move dead letters back to ``queue`` (all, or those with ``message_id``): each is
-        acknowledged in the DLQ only after its copy in the work queue is confirmed."""
+        """Move dead letters back to ``queue`` (all, or those with ``message_id``), each
+        aggregate's events in version order (``replay_order``): each is acknowledged in the
+        DLQ only after its copy in the work queue is confirmed."""
         name = dead_letter_queue(queue)
         async with self._channel(confirms=True) as channel:
             dlq = await self._passive_queue(channel, name)
             await self._passive_queue(channel, queue)
             present = dlq.declaration_result.message_count or 0  # bound: new arrivals wait
             skipped: list[AbstractIncomingMessage] = []
+            chosen: list[AbstractIncomingMessage] = []
             moved = 0
             try:
                 for _ in range(present):
@@ -778,20 +781,42 @@ class RabbitMQBus(StreamSettlement, RepublishingSettlement):
                         break
                     if message_id is not None and message.message_id != message_id:
                         skipped.append(message)
-                        continue
+                    else:
+                        chosen.append(message)
+                chosen.sort(key=lambda m: replay_order(header_dict(m.headers)))
+                for message in chosen:
                     await _publish_replay(channel, queue, message)
                     await message.ack()
                     moved += 1
             finally:
-                await _requeue(skipped)
+                await _requeue(skipped + chosen[moved:])
             await _wait_until_ready(channel, name, present - moved)
         return moved
 
-    async def purge_dead_letters(self, queue: str) -> int:
+    async def purge_dead_letters(self, queue: str, message_id: str | None = None) -> int:
+        """Delete every dead letter of ``queue``, or those with ``message_id``."""
         async with self._channel() as channel:
             dlq = await self._passive_queue(channel, dead_letter_queue(queue))
-            result = await dlq.purge()
-        return int(result.message_count or 0)
+            if message_id is None:
+                result = await dlq.purge()
+                return int(result.message_count or 0)
+            present = dlq.declaration_result.message_count or 0
+            skipped: list[AbstractIncomingMessage] = []
+            dropped = 0
+            try:
+                for _ in range(present):
+                    message = await dlq.get(no_ack=False, fail=False)
+                    if message is None:
+                        break
+                    if message.message_id == message_id:
+                        await message.ack()
+                        dropped += 1
+                    else:
+                        skipped.append(message)
+            finally:
+                await _requeue(skipped)
+            await _wait_until_ready(channel, dead_letter_queue(queue), present - dropped)
+        return dropped
 
     # --- helpers -----------------------------------------------------------------------
 

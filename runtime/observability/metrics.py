@@ -78,6 +78,16 @@ class Metrics:
             "Messages sent to a dead-letter queue, by reason.",
             registry=r,
         )
+        self.parked_aggregates = Gauge(
+            "magasin_parked_aggregates",
+            "Aggregates whose events an actor holds back behind one that failed.",
+            registry=r,
+        )
+        self.parked_events = Gauge(
+            "magasin_parked_events",
+            "Events an actor holds in memory behind a failed event of their aggregate.",
+            registry=r,
+        )
         # --- relay ---
         self.events_published_total = Counter(
             "events_published_total",

@@ -22,6 +22,7 @@ from runtime.store.protocol import (
     EncodedEvent,
     Lease,
     NewEvent,
+    ParkedKey,
     RecordedEvent,
     Snapshot,
     StoreStatistics,
@@ -43,6 +44,7 @@ class MemoryEventStore:
         self._commands: dict[UUID, AppendResult] = {}
         self._snapshots: dict[str, Snapshot] = {}
         self._checkpoints: dict[str, Checkpoint] = {}
+        self._parked: dict[tuple[str, str], ParkedKey] = {}
         self._leases: dict[str, anyio.Lock] = {}
         self._tx = 0
         self._bytes = 0
@@ -171,6 +173,20 @@ class MemoryEventStore:
 
     async def save_checkpoint(self, name: str, checkpoint: Checkpoint) -> None:
         self._checkpoints[name] = max(checkpoint, self._checkpoints.get(name, Checkpoint.START))
+
+    async def park(self, parked: ParkedKey) -> None:
+        self._parked[parked.actor, parked.key] = parked
+
+    async def unpark(self, actor: str, key: str, blocker: str | None = None) -> bool:
+        held = self._parked.get((actor, key))
+        if held is None or (blocker is not None and held.blocker != blocker):
+            return False
+        del self._parked[actor, key]
+        return True
+
+    async def parked_keys(self, actor: str | None = None) -> list[ParkedKey]:
+        rows = [p for p in self._parked.values() if actor is None or p.actor == actor]
+        return sorted(rows, key=lambda p: (p.since, p.actor, p.key))
 
     @asynccontextmanager
     async def leader_lease(self, name: str) -> AsyncIterator[Lease]:

@@ -45,6 +45,7 @@ from runtime.store.protocol import (
     EncodedEvent,
     Lease,
     NewEvent,
+    ParkedKey,
     RecordedEvent,
     Snapshot,
     StoreStatistics,
@@ -535,6 +536,50 @@ class PostgresEventStore:
             )
 
         await self._run("save_checkpoint", work)
+
+    # --- parked aggregates -----------------------------------------------------------------
+
+    async def park(self, parked: ParkedKey) -> None:
+        async def work(conn: AsyncConn) -> None:
+            await conn.execute(
+                """INSERT INTO magasin_parked_keys (actor, key, blocker, dead, reason, since)
+                   VALUES (%s, %s, %s, %s, %s, %s)
+                   ON CONFLICT (actor, key) DO UPDATE
+                      SET blocker = excluded.blocker, dead = excluded.dead,
+                          reason = excluded.reason, since = excluded.since""",
+                (
+                    parked.actor,
+                    parked.key,
+                    parked.blocker,
+                    parked.dead,
+                    parked.reason,
+                    parked.since,
+                ),
+            )
+
+        await self._run("park", work)
+
+    async def unpark(self, actor: str, key: str, blocker: str | None = None) -> bool:
+        async def work(conn: AsyncConn) -> bool:
+            cur = await conn.execute(
+                """DELETE FROM magasin_parked_keys
+                    WHERE actor = %s AND key = %s AND (%s::text IS NULL OR blocker = %s)""",
+                (actor, key, blocker, blocker),
+            )
+            return cur.rowcount > 0
+
+        return await self._run("unpark", work)
+
+    async def parked_keys(self, actor: str | None = None) -> list[ParkedKey]:
+        async def work(conn: AsyncConn) -> list[ParkedKey]:
+            cur = await conn.execute(
+                """SELECT actor, key, blocker, dead, reason, since FROM magasin_parked_keys
+                    WHERE %s::text IS NULL OR actor = %s ORDER BY since, actor, key""",
+                (actor, actor),
+            )
+            return [ParkedKey(*row) for row in await cur.fetchall()]
+
+        return await self._run("parked_keys", work)
 
     @asynccontextmanager
     async def leader_lease(self, name: str) -> AsyncIterator[Lease]:

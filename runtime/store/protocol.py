@@ -146,6 +146,18 @@ class StoreStatistics(msgspec.Struct, frozen=True):
     oldest_transaction_age_seconds: float = 0.0
 
 
+class ParkedKey(msgspec.Struct, frozen=True):
+    """An aggregate whose events an actor holds back behind one that failed (its
+    ``blocker``): on the retry ladder (``dead`` false) or in the dead-letter queue."""
+
+    actor: str
+    key: str  # the ordering key: the aggregate id
+    blocker: str  # the failed event's message id
+    dead: bool
+    reason: str
+    since: datetime
+
+
 class Lease(Protocol):
     async def check(self) -> None:
         """Raise ``LeaseLostError`` if the lease was lost (e.g. its connection died)."""
@@ -210,6 +222,20 @@ class EventStore(Protocol):
     def leader_lease(self, name: str) -> AbstractAsyncContextManager[Lease]:
         """Wait until this process holds the lease ``name`` (one holder across every
         process on the store), and hold it for the ``async with`` block."""
+        ...
+
+    async def park(self, parked: ParkedKey) -> None:
+        """Record that ``parked.actor`` holds ``parked.key``'s events behind
+        ``parked.blocker`` (replacing what it recorded for that key)."""
+        ...
+
+    async def unpark(self, actor: str, key: str, blocker: str | None = None) -> bool:
+        """Lift the block on ``key`` (only if it is ``blocker``'s, when given); False if
+        there was none."""
+        ...
+
+    async def parked_keys(self, actor: str | None = None) -> list[ParkedKey]:
+        """The blocked aggregates of ``actor`` (of every actor if None), oldest first."""
         ...
 
     async def load_snapshot(self, stream: StreamId) -> Snapshot | None: ...

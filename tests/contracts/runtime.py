@@ -13,14 +13,14 @@ import anyio
 import msgspec
 import pytest
 
-from runtime.bus.protocol import X_ORDERING_KEY, Bus, StreamWrite
+from runtime.bus.protocol import X_ORDERING_KEY, X_VERSION, Bus, StreamWrite
 from runtime.errors import EscalationError
 from runtime.observability.metrics import Metrics
 from runtime.store.memory import MemoryEventStore
 from runtime.stream_source import stream_offset_name
 from runtime.supervisor import Supervisor
 from runtime.topology import Topology, parse_topology
-from tests.support.workers import ATTEMPTS, BATCHES, HANDLED, REDELIVERED, job
+from tests.support.workers import ATTEMPTS, BATCHES, FIXED, HANDLED, REDELIVERED, job
 
 EXCHANGE = "saga.events"  # a queue-bound exchange (domain exchanges are streams)
 
@@ -371,7 +371,7 @@ async def write_jobs(bus: Bus, jobs: list[tuple[str, str, int, str, dict[str, fl
                 f"{registry}.{key}",
                 f"{key}-{seq}-{uuid.uuid4().hex[:6]}",
                 job(key, seq, do, **kw),
-                {X_ORDERING_KEY: key},
+                {X_ORDERING_KEY: key, X_VERSION: seq},
             )
             for registry, key, seq, do, kw in jobs
         ],
@@ -461,6 +461,78 @@ class StreamRuntimeContract:
         assert letter.attempts == 3
         assert letter.headers["x-original-exchange"] == STREAM
         assert letter.headers["x-original-routing-key"] == f"{registry}.poison"
+
+    async def test_a_failing_event_holds_back_its_aggregates_later_events_while_others_flow(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        registry, queue = names
+        store = MemoryEventStore()
+        topology = stream_topology(registry, queue, max_attempts=4)
+
+        def handled(key: str) -> list[int]:
+            return [seq for k, seq, _ in HANDLED[registry] if k == key]
+
+        async with running_on(bus, topology, store):
+            await write_jobs(
+                bus,
+                [
+                    (registry, "a", 0, "flaky", {"fails": 2}),
+                    *[(registry, "a", seq, "ok", {}) for seq in range(1, 5)],
+                    *[(registry, "b", seq, "ok", {}) for seq in range(5)],
+                ],
+            )
+            await wait_until(lambda: handled("b") == [0, 1, 2, 3, 4])
+            # a/0 waits 100 ms, then 300 ms on the ladder: a's later events wait behind it
+            assert handled("a") == []
+            (block,) = await store.parked_keys("worker")
+            assert (block.key, block.dead) == ("a", False)
+            assert "fails 2 time(s)" in block.reason
+            await wait_until(lambda: len(handled("a")) == 5)
+            await wait_until_offset_passes_the_tail(bus, store)
+            assert await store.parked_keys() == []
+        assert handled("a") == [0, 1, 2, 3, 4]
+        assert [a for k, seq, a in ATTEMPTS[registry] if (k, seq) == ("a", 0)] == [0, 1, 2]
+        assert len(ATTEMPTS[registry]) == 12  # nothing behind a/0 was tried before it passed
+
+    async def test_a_dead_lettered_event_takes_its_aggregate_to_the_dlq_until_replayed(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        registry, queue = names
+        store = MemoryEventStore()
+
+        def handled(key: str) -> list[int]:
+            return [seq for k, seq, _ in HANDLED[registry] if k == key]
+
+        async with running_on(bus, stream_topology(registry, queue, max_attempts=2), store):
+            await write_jobs(
+                bus,
+                [
+                    (registry, "a", 0, "broken", {}),
+                    (registry, "a", 1, "ok", {}),
+                    (registry, "b", 0, "ok", {}),
+                    (registry, "a", 2, "ok", {}),
+                ],
+            )
+            await _wait_dead_letters(bus, queue, 3)
+            (block,) = await store.parked_keys("worker")
+            assert (block.key, block.dead) == ("a", True)
+            await write(bus, registry, "a", 3)  # while the blocker is dead: straight behind it
+            letters = await _wait_dead_letters(bus, queue, 4)
+            await wait_until_offset_passes_the_tail(bus, store)  # parked ones are settled
+            assert handled("a") == []
+            assert handled("b") == [0]
+            by_seq = {msgspec.json.decode(letter.body)["seq"]: letter for letter in letters}
+            assert by_seq[0].error_type == "RuntimeError"
+            for seq in (1, 2, 3):
+                assert by_seq[seq].error_type == "ParkedError"
+                assert by_seq[0].message_id in by_seq[seq].error
+                assert by_seq[seq].attempts == 0  # parked, never tried
+            FIXED.add(f"{registry}/a")  # the code is fixed: replay, the blocker first
+            assert await bus.replay_dead_letters(queue) == 4
+            await wait_until(lambda: len(handled("a")) == 4)
+            await wait_until(lambda: not store._parked)  # lifted in the store too
+        assert handled("a") == [0, 1, 2, 3]
+        assert [k for k, _, _ in ATTEMPTS[registry]].count("a") == 2 + 4  # a/0 twice, then all
 
     async def test_a_restart_resumes_from_the_saved_offset_and_handles_nothing_twice(
         self, bus: Bus, names: tuple[str, str]

@@ -6,6 +6,7 @@ A backend's test module subclasses ``EventStoreContract`` and provides a ``store
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -30,6 +31,7 @@ from runtime.store import (
     Snapshot,
     StreamId,
 )
+from runtime.store.protocol import ParkedKey
 from tests.support.ledger import Deposited, LedgerEvent, Opened, Withdrawn
 
 CODEC = EventCodec().register(LedgerEvent)
@@ -389,6 +391,29 @@ class EventStoreContract:
         await store.save_checkpoint("relay", Checkpoint(10, 41))
         assert await store.load_checkpoint("relay") == Checkpoint(10, 41)
         assert await store.load_checkpoint("other") == Checkpoint(1, 1)
+
+    async def test_parked_keys_are_recorded_replaced_and_lifted(self, store: EventStore) -> None:
+        since = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+        first = ParkedKey("projector", "acc-1", "m-1", False, "boom", since)
+        await store.park(first)
+        await store.park(
+            ParkedKey("projector", "acc-2", "m-7", True, "bad", since.replace(hour=13))
+        )
+        await store.park(ParkedKey("saga", "acc-1", "m-3", False, "other actor", since))
+        assert await store.parked_keys("projector") == [
+            first,
+            ParkedKey("projector", "acc-2", "m-7", True, "bad", since.replace(hour=13)),
+        ]
+        dead = msgspec.structs.replace(first, dead=True, reason="dead-lettered")
+        await store.park(dead)  # the same key: replaced
+        assert (await store.parked_keys("projector"))[0] == dead
+        assert len(await store.parked_keys()) == 3
+        assert not await store.unpark("projector", "acc-1", blocker="m-9")  # another's block
+        assert await store.unpark("projector", "acc-1", blocker="m-1")
+        assert not await store.unpark("projector", "acc-1")
+        assert await store.unpark("projector", "acc-2")
+        assert [p.actor for p in await store.parked_keys()] == ["saga"]
+        assert await store.unpark("saga", "acc-1")
 
     async def test_a_lease_has_one_holder_at_a_time(self, store: EventStore) -> None:
         holders: list[str] = []

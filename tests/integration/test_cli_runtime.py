@@ -11,9 +11,11 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -21,6 +23,8 @@ import httpx
 import pytest
 
 from runtime.bus.rabbitmq import RabbitMQBus
+from runtime.store.postgres import PostgresEventStore
+from runtime.store.protocol import ParkedKey
 from runtime.topology import load_topology
 from tests.support.process import clean_env, free_port
 from tests.support.rabbitmq import amqp_url, rabbitmq_vhost  # noqa: F401
@@ -246,3 +250,56 @@ def test_dlq_refuses_the_embedded_bus(tmp_path: Path) -> None:
 
     assert listed.returncode == 2
     assert "keeps no dead letters across processes" in listed.stderr
+
+
+async def park(dsn: str, parked: ParkedKey) -> None:
+    store = await PostgresEventStore.connect(dsn)  # the runtime's store: the public schema
+    try:
+        await store.park(parked)
+    finally:
+        await store.close()
+
+
+async def parked_keys(dsn: str, actor: str) -> list[ParkedKey]:
+    store = await PostgresEventStore.connect(dsn)
+    try:
+        return await store.parked_keys(actor)
+    finally:
+        await store.close()
+
+
+@pytest.mark.integration
+def test_dlq_shows_the_aggregates_held_back_and_skips_a_blocker_on_purpose(
+    tmp_path: Path,
+    amqp_url: str,  # noqa: F811
+    pg_dsn: str,
+) -> None:
+    actor = f"recorder{uuid.uuid4().hex[:6]}"
+    topology = write_topology(tmp_path, RECORDER.replace("recorder:", f"{actor}:"))
+    anyio.run(dead_letter, amqp_url, topology, actor, ["m-1", "m-2"])
+    since = datetime(2026, 12, 6, 9, 30, tzinfo=UTC)
+    anyio.run(park, pg_dsn, ParkedKey(actor, "c-42", "m-1", True, "RuntimeError: boom", since))
+    env = {"MAGASIN_AMQP_URL": amqp_url, "MAGASIN_DATABASE_URL": pg_dsn}
+    where = ("--topology", str(topology))
+
+    listed = magasin("dlq", "list", actor, *where, env=env)
+    skipped = magasin("dlq", "skip", actor, "--id", "m-1", *where, env=env)
+    again = magasin("dlq", "skip", actor, "--id", "m-1", *where, env=env)
+    after = magasin("dlq", "list", actor, *where, env=env)
+
+    assert listed.returncode == 0, listed.stderr
+    assert f"{actor}  c-42       m-1          dead-lettered  2026-12-06T09:30:00+00:00" in (
+        listed.stdout
+    )
+    assert "1 aggregate(s) held back" in listed.stdout
+    assert skipped.returncode == 0, skipped.stderr
+    assert skipped.stdout.splitlines() == [
+        f"deleted 1 message(s) with id m-1 from {actor}.dlq",
+        f"actor {actor}: aggregate c-42 no longer waits behind it",
+        f"its parked events are in the DLQ: `magasin dlq replay {actor} --all`",
+    ]
+    assert anyio.run(parked_keys, pg_dsn, actor) == []
+    assert again.returncode == 1
+    assert "no dead letter with id 'm-1'" in again.stderr
+    assert "held back" not in after.stdout
+    assert [row.split()[0] for row in after.stdout.splitlines()[1:2]] == ["m-2"]

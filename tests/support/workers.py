@@ -2,7 +2,9 @@
 handler records there what it did (so tests can assert exactly-once and order).
 
 Body commands (JSON ``{"key": ..., "seq": ..., "do": ...}``):
-``ok`` handles; ``fail`` raises; ``reject`` raises Reject; ``retry`` raises Retry;
+``ok`` handles; ``fail`` raises; ``flaky`` raises until ``fails`` attempts failed;
+``broken`` raises until ``registry/key`` is in ``FIXED`` (the code was fixed);
+``reject`` raises Reject; ``retry`` raises Retry;
 ``sleep`` sleeps ``seconds`` before handling; ``down`` raises StoreUnavailableError once;
 ``unroutable`` publishes a mandatory message no queue is bound for.
 """
@@ -25,6 +27,8 @@ HANDLED: defaultdict[str, list[tuple[str, int, int]]] = defaultdict(list)
 #: registry name -> every attempt started, as (key, seq, attempts)
 ATTEMPTS: defaultdict[str, list[tuple[str, int, int]]] = defaultdict(list)
 DOWN_ONCE: set[str] = set()
+#: ``registry/key`` of the ``broken`` jobs that succeed now
+FIXED: set[str] = set()
 #: registry name -> the size of each batch a BatchRecorder committed
 BATCHES: defaultdict[str, list[int]] = defaultdict(list)
 #: registry name -> (key, seq) of messages that arrived redelivered at least once
@@ -36,6 +40,7 @@ class Job(msgspec.Struct, frozen=True):
     seq: int
     do: str = "ok"
     seconds: float = 0.0
+    fails: int = 0
 
 
 class Recorder:
@@ -53,6 +58,10 @@ class Recorder:
             await anyio.sleep(job.seconds)
         elif job.do == "fail":
             raise RuntimeError(f"job {job.key}/{job.seq} always fails")
+        elif job.do == "broken" and f"{self.registry}/{job.key}" not in FIXED:
+            raise RuntimeError(f"job {job.key}/{job.seq} fails until fixed")
+        elif job.do == "flaky" and delivery.attempts < job.fails:
+            raise RuntimeError(f"job {job.key}/{job.seq} fails {job.fails} time(s)")
         elif job.do == "reject":
             raise Reject(f"job {job.key}/{job.seq} can never succeed")
         elif job.do == "retry":
@@ -84,5 +93,7 @@ class BatchRecorder(Recorder):
         BATCHES[self.registry].append(len(jobs))
 
 
-def job(key: str, seq: int, do: str = "ok", seconds: float = 0.0, **extra: Any) -> bytes:
-    return msgspec.json.encode(Job(key, seq, do, seconds))
+def job(
+    key: str, seq: int, do: str = "ok", seconds: float = 0.0, fails: float = 0, **extra: Any
+) -> bytes:
+    return msgspec.json.encode(Job(key, seq, do, seconds, int(fails)))
