@@ -41,6 +41,12 @@ class Hooks:
         error: BaseException | None,
     ) -> None: ...
 
+    def after_batch(self, actor: str, deliveries: Sequence[Delivery], seconds: float) -> None:
+        """A batch was handled and acked as a whole (``after_handle`` with ``ack`` for each,
+        unless overridden with something cheaper)."""
+        for delivery in deliveries:
+            self.after_handle(actor, delivery, "ack", seconds, None)
+
 
 class HookChain(Hooks):
     """Calls each hook in order; a failing hook is logged, never fatal."""
@@ -85,8 +91,14 @@ class HookChain(Hooks):
     ) -> None:
         self._each("after_handle", actor, delivery, outcome, seconds, error)
 
+    def after_batch(self, actor: str, deliveries: Sequence[Delivery], seconds: float) -> None:
+        self._each("after_batch", actor, deliveries, seconds)
+
 
 class LoggingHooks(Hooks):
+    def after_batch(self, actor: str, deliveries: Sequence[Delivery], seconds: float) -> None:
+        """Acks are not logged."""
+
     def on_actor_started(self, actor: str) -> None:
         logger.info("actor {actor} started", actor=actor)
 
@@ -152,6 +164,23 @@ class MetricsHooks(Hooks):
         elif outcome == "dead_letter":
             reason = type(error).__name__ if error is not None else "unknown"
             m.dead_letters_total.inc({**labels, "reason": reason})
+
+    def after_batch(self, actor: str, deliveries: Sequence[Delivery], seconds: float) -> None:
+        """The same figures as ``after_handle`` for each, with the labels built once per
+        queue (a batch is one queue's, or a few: a stream's and its retry copies')."""
+        m = self.metrics
+        by_queue: dict[str, int] = {}
+        for delivery in deliveries:
+            by_queue[delivery.queue] = by_queue.get(delivery.queue, 0) + 1
+        for queue, count in by_queue.items():
+            labels = {"actor": actor, "queue": queue}
+            m.events_consumed_total.add({**labels, "outcome": "ack"}, count)
+            histogram = m.event_consumption_duration_seconds
+            histogram.observe(labels, seconds)
+            if count > 1:
+                values = histogram.get_value(labels)
+                for _ in range(count - 1):
+                    values.observe(seconds)  # type: ignore[union-attr]
 
 
 def default_hooks(metrics: Metrics) -> HookChain:
