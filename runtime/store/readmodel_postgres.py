@@ -77,6 +77,14 @@ RETURNING version"""
 # Lists travel as one JSON document (``jsonb_to_recordset``): psycopg escapes a text array
 # element by element in Python, which costs more than the statement on a replay's batches.
 # Lock (creating at 0 where missing) several version rows in one statement, in key order.
+# Locks the versions that exist without writing them (a FOR UPDATE marks the row; an upsert
+# would write a new row version and its index entries for every aggregate of every batch).
+_LOCK_EXISTING_VERSIONS = """
+SELECT v.aggregate_id, v.version FROM jsonb_array_elements_text(%s::jsonb) AS a (id)
+ CROSS JOIN LATERAL (
+   SELECT aggregate_id, version FROM {versions}
+    WHERE projection = %s AND aggregate_id = a.id LIMIT 1 FOR UPDATE) AS v"""
+# The aggregates seen for the first time: created at 0 (or locked, if a competitor just did).
 _LOCK_VERSIONS = """
 INSERT INTO {versions} AS v (projection, aggregate_id, version)
 SELECT %s, a, 0 FROM jsonb_array_elements_text(%s::jsonb) AS a ORDER BY a
@@ -138,6 +146,7 @@ class _Statements:
         self.lock_version = _LOCK_VERSION.format(**tables)
         self.create_version = _CREATE_VERSION.format(**tables)
         self.lock_versions = _LOCK_VERSIONS.format(**tables)
+        self.lock_existing_versions = _LOCK_EXISTING_VERSIONS.format(**tables)
         self.get_many = _GET_MANY.format(**tables)
         self.delete_many = _DELETE_MANY.format(**tables)
         self.flush = _FLUSH.format(**tables)
@@ -726,7 +735,14 @@ class PostgresReadModelTx:
         missing = sorted({a for a in aggregate_ids if a not in self._versions})
         if missing:
             rows = await self._fetch(
-                self._sql.lock_versions, (self._projection, _json.encode(missing).decode())
+                self._sql.lock_existing_versions,
+                (_json.encode(missing).decode(), self._projection),
+            )
+            self._versions.update((aggregate_id, int(v)) for aggregate_id, v in rows)
+        new = [a for a in missing if a not in self._versions]
+        if new:
+            rows = await self._fetch(
+                self._sql.lock_versions, (self._projection, _json.encode(new).decode())
             )
             self._versions.update((aggregate_id, int(v)) for aggregate_id, v in rows)
         return {a: self._versions[a] for a in aggregate_ids}
