@@ -391,7 +391,10 @@ class _Reader:
                 wrote, entry = decode_written_entry(context.offset, data_section_body(message))
                 self._writers[entry.offset] = wrote
             with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-                await send.send(entry)
+                try:
+                    send.send_nowait(entry)  # no checkpoint per entry while there is room
+                except anyio.WouldBlock:
+                    await send.send(entry)  # full: rstream holds the chunk's credit meanwhile
 
         async def on_close(_: object) -> None:
             with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
