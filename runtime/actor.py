@@ -24,7 +24,6 @@ settles each as above: the handler must be all or nothing and deduplicate, as pr
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -51,8 +50,9 @@ from runtime.errors import (
 from runtime.hooks import Hooks, Outcome
 from runtime.observability.metrics import Metrics
 from runtime.parking import Parking
+from runtime.routing import mailbox_index
 from runtime.store.protocol import EventStore
-from runtime.stream_source import StreamSource
+from runtime.stream_source import Committed, StreamSource
 
 if TYPE_CHECKING:
     from runtime.topology import ActorSpec, Topology
@@ -130,6 +130,14 @@ class BatchHandler(MessageHandler, Protocol):
 
 
 @runtime_checkable
+class MarksStreams(Protocol):
+    """A handler that commits, with each batch's effects, the stream offset of the batch's
+    last entry per worker (``ProjectionHandler``): a reading that starts again skips them."""
+
+    async def stream_marks(self, stream: str) -> dict[int, int]: ...
+
+
+@runtime_checkable
 class Service(Protocol):
     """A non-consuming actor (HTTP gateway, relay): runs until cancelled or drained."""
 
@@ -174,11 +182,6 @@ class ActorInstance(Protocol):
 WAKE = Delivery("", "", b"", {}, "", "", False, -1)
 
 
-def mailbox_index(key: str, workers: int) -> int:
-    """Stable routing of an ordering key to a worker (the same on every process)."""
-    return zlib.crc32(key.encode()) % workers
-
-
 @dataclass
 class QueueActor:
     """Consumes the actor's queues with ``consumers`` workers, one mailbox each."""
@@ -220,9 +223,25 @@ class QueueActor:
                 prefetch=spec.prefetch,
                 store=ctx.store,
                 bus=ctx.bus,
+                skipper=partial(self._committed, stream),
             )
             for stream, keys in spec.stream_bindings(ctx.topology.stream_names).items()
         ]
+
+    async def _committed(self, stream: str) -> Committed | None:
+        """The handler's stream marks, if it keeps them with its effects."""
+        if not isinstance(self.handler, MarksStreams):
+            return None
+        marks = await self.handler.stream_marks(stream)
+        if not marks:
+            return None
+        parking = self._parking
+
+        def parked(key: str) -> str | None:
+            block = parking.blocks.get(key) if parking is not None else None
+            return block.blocker if block is not None else None
+
+        return Committed(marks, self.context.spec.consumers, parked)
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         spec = self.context.spec

@@ -22,6 +22,12 @@ So the read model is always the fold of a prefix of each stream, whatever the bu
 (guarantees 2 and 3); a late copy of an event the gap healing already applied is then a
 duplicate. The read-model store comes from the topology's ``database_url`` (``memory://``:
 the process-wide embedded store, which queries share) and the actor's ``schema`` option.
+
+Stream marks: the same transaction records, per worker, the stream offset of the batch's last
+entry (``stream_marks``, a document of the reserved collection ``MARKS``). A reader that
+starts again (after a crash its saved offset may lag by up to a fraction of a second) skips
+the entries at or below its worker's mark without handing them out: what was committed is
+not handled twice, and not even looked up.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from runtime.actor import ActorContext
 from runtime.bus.protocol import Delivery
 from runtime.errors import ActorError, ConfigurationError, EventDecodeError, Reject, Retry
 from runtime.messages import decode_event
+from runtime.routing import mailbox_index
 from runtime.store.codec import Envelope, EventCodec
 from runtime.store.protocol import RecordedEvent
 from runtime.store.readmodel import ReadModelStore, ReadModelTx, open_read_model_store
@@ -83,6 +90,27 @@ class ReadModelOwner:
         await self._stack.aclose()
 
 
+#: The read-model collection where a projection's stream marks live (one document per
+#: stream, worker and number of workers: ``{"offset": N}``).
+MARKS = "magasin.stream-marks"
+
+
+def mark_name(stream: str, worker: int, workers: int) -> str:
+    return f"{stream}:{worker}/{workers}"
+
+
+def batch_marks(deliveries: Sequence[Delivery], workers: int) -> dict[str, int]:
+    """The offset of the last stream entry of each (stream, worker) in ``deliveries``
+    (entries carry their offset as ``delivery_tag`` and a negative ``consumer``)."""
+    marks: dict[str, int] = {}
+    for delivery in deliveries:
+        if delivery.consumer < 0 and delivery.delivery_tag >= 0:
+            worker = mailbox_index(delivery.ordering_key, workers)
+            name = mark_name(delivery.exchange, worker, workers)
+            marks[name] = max(delivery.delivery_tag, marks.get(name, -1))
+    return marks
+
+
 class ProjectionHandler(ReadModelOwner, abc.ABC):
     """Base of projection and subscriber handlers; see the module docstring."""
 
@@ -115,12 +143,28 @@ class ProjectionHandler(ReadModelOwner, abc.ABC):
 
     async def handle_batch(self, deliveries: Sequence[Delivery]) -> None:
         records = [decode_event(d.message_id, d.body) for d in deliveries]
-        applied = await self.read_models.run(
-            self.projection, lambda tx: self.project_all(tx, records)
-        )
+        marks = batch_marks(deliveries, self.context.spec.consumers)
+
+        async def work(tx: ReadModelTx) -> int:
+            applied = await self.project_all(tx, records)
+            for name, offset in marks.items():
+                await tx.put(MARKS, name, {"offset": offset})
+            return applied
+
+        applied = await self.read_models.run(self.projection, work)
         counter = getattr(self.context.metrics, "projection_updates_total", None)
         if applied and counter is not None:
             counter.add({"projection": self.projection}, applied)
+
+    async def stream_marks(self, stream: str) -> dict[int, int]:
+        """The last offset of ``stream`` each worker committed (for today's number of
+        workers; after a rescale, none: the effects deduplicate by version instead)."""
+        workers = self.context.spec.consumers
+        wanted = {mark_name(stream, worker, workers): worker for worker in range(workers)}
+        found = await self.read_models.run(
+            self.projection, lambda tx: tx.get_many(MARKS, list(wanted))
+        )
+        return {wanted[name]: int(doc["offset"]) for name, doc in found.items()}
 
     async def project_all(self, tx: ReadModelTx, records: Sequence[RecordedEvent]) -> int:
         """``project`` each record in ``tx``: every aggregate's version locked in one

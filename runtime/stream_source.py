@@ -18,6 +18,7 @@ duplicates its effects ignore.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import anyio
 from loguru import logger
@@ -26,6 +27,7 @@ from runtime.bus.protocol import Bus, Delivery, StreamDeliveries
 from runtime.bus.streams import TopicFilter
 from runtime.errors import MagasinError
 from runtime.messages import decode_event, encode_event, event_headers, routing_key
+from runtime.routing import mailbox_index
 from runtime.store.protocol import Checkpoint, EventStore, Lease, RecordedEvent
 
 #: ``delivery_tag`` of the deliveries read from the event store during a catch-up: settling
@@ -33,6 +35,36 @@ from runtime.store.protocol import Checkpoint, EventStore, Lease, RecordedEvent
 FROM_THE_STORE = -1
 #: Hands a delivery to the actor's mailboxes (the one its ordering key picks).
 Send = Callable[[Delivery], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What an actor committed of a stream with its effects (``ProjectionHandler``'s stream
+    marks): per worker, the offset of the last entry. An entry read again at or below its
+    worker's mark was handled, retried or dead-lettered, so it is skipped; unless its
+    aggregate is parked behind another event: then it was held, not handled."""
+
+    marks: dict[int, int]  # worker -> offset
+    workers: int
+    parked: Callable[[str], str | None]  # ordering key -> its blocker's message id
+
+    @property
+    def until(self) -> int:
+        return max(self.marks.values(), default=-1)
+
+    def __call__(self, delivery: Delivery) -> bool:
+        offset = delivery.delivery_tag
+        if offset < 0 or delivery.consumer >= 0:
+            return False  # read from the store, or not a stream entry
+        key = delivery.ordering_key
+        if offset > self.marks.get(mailbox_index(key, self.workers), -1):
+            return False
+        blocker = self.parked(key)
+        return blocker is None or blocker == delivery.message_id
+
+
+#: Loads what the actor committed of a stream, as a reading of it starts (None: nothing).
+Skipper = Callable[[], Awaitable[Committed | None]]
 
 
 def stream_offset_name(actor: str, stream: str) -> str:
@@ -53,6 +85,7 @@ class StreamSource:
         store: EventStore,
         bus: Bus,
         save_interval: float = 0.2,
+        skipper: Skipper | None = None,
     ) -> None:
         self.actor = actor
         self.stream = stream
@@ -62,6 +95,8 @@ class StreamSource:
         self.store = store
         self.bus = bus
         self.save_interval = save_interval
+        self.skipper = skipper
+        self.skipped = 0  # entries read again and skipped, committed before
         self.name = stream_offset_name(actor, stream)
         self.saved = -1
         self.reading = False  # holds the lease and reads
@@ -94,6 +129,7 @@ class StreamSource:
 
     async def _pump(self, deliveries: StreamDeliveries, send: Send) -> None:
         first = True
+        skip = await self.skipper() if self.skipper is not None else None
         async for delivery in deliveries:
             if first:
                 first = False
@@ -101,7 +137,25 @@ class StreamSource:
                     deliveries.first_offset > deliveries.requested
                 ):
                     await self._catch_up(delivery, send)
+            if skip is not None:
+                if skip(delivery):
+                    self.skipped += 1
+                    await self.bus.ack(delivery)  # settled: its effect is committed
+                    continue
+                if delivery.delivery_tag > skip.until:
+                    skip = None  # past every mark: nothing more to skip
+                    self._skipped_so_far()
             await send(delivery)
+
+    def _skipped_so_far(self) -> None:
+        if self.skipped:
+            logger.info(
+                "actor {actor}: {count} entry(ies) of {stream} read again were committed "
+                "before (stream marks): skipped",
+                actor=self.actor,
+                count=self.skipped,
+                stream=self.stream,
+            )
 
     async def _catch_up(self, delivery: Delivery, send: Send) -> None:
         """The events before ``delivery`` that the stream no longer holds, from the store."""
