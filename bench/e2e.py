@@ -11,9 +11,11 @@ relay leading), each with its own gateway, and spreads the clients over them.
 Figures: commands/s (each is one HTTP request, one aggregate decision, one event appended),
 p50/p95/p99 command latency, the time until the complaint list shows the resolution (a GET
 with ``min_position`` of the resolve's answer, issued right after it: the read-your-writes
-wait), and the runtime's RSS (sampled from /proc). The raw limit beside it: the same number of
-appends through ``PostgresEventStore`` alone from this process (no HTTP, no bus), measured in
-the same run.
+wait), how long after the load stops every complaint is at its latest version in the three
+projections (read from PostgreSQL: each projection's recorded version of each complaint
+against the store's), and the runtime's RSS (sampled from /proc). The raw limit beside it:
+the same number of appends through ``PostgresEventStore`` alone from this process (no HTTP,
+no bus), measured in the same run.
 """
 
 from __future__ import annotations
@@ -169,6 +171,36 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     raise RuntimeError(f"magasin run not ready within 60 s:\n{log.read_text(errors='replace')}")
 
 
+PROJECTIONS = ("complaints", "workload", "store-stats")  # their read-model namespaces
+BEHIND = """
+SELECT count(*) FROM (
+  SELECT aggregate_id, max(version) AS version FROM event_store
+   WHERE aggregate_type = 'complaint' GROUP BY aggregate_id) AS e
+ CROSS JOIN unnest(%s::text[]) AS p (projection)
+ LEFT JOIN projection_versions AS v
+   ON v.projection = p.projection AND v.aggregate_id = e.aggregate_id
+ WHERE coalesce(v.version, 0) < e.version"""
+
+
+async def caught_up_after(dsn: str, within: float) -> tuple[float, int]:
+    """Seconds until every complaint is at its latest version in the three projections
+    (and how many (complaint, projection) pairs were behind when the load stopped)."""
+    import psycopg  # noqa: PLC0415
+
+    started = time.perf_counter()
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        first: int | None = None
+        while True:
+            cur = await conn.execute(BEHIND, (list(PROJECTIONS),))
+            row = await cur.fetchone()
+            behind = int(row[0]) if row else 0
+            first = behind if first is None else first
+            elapsed = time.perf_counter() - started
+            if behind == 0 or elapsed > within:
+                return (elapsed if behind == 0 else float("inf")), first
+            await asyncio.sleep(0.05)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__)
     parser.add_argument("--clients", type=int, default=32)
@@ -209,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sampler.cancel()
 
         elapsed = asyncio.run(measured())
+        progress("waiting for the read models to show every complaint's latest version")
+        caught_up, behind_at_stop = asyncio.run(caught_up_after(dsn, 120.0))
         progress("raw limit: the same appends straight to PostgreSQL")
         raw = asyncio.run(raw_appends(dsn, max(64, run.commands // 3)))
     finally:
@@ -227,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for q in (0.5, 0.95, 0.99):
         label = f"resolved visible in the list, p{int(q * 100)} ms"
         print(f"{label:<52}{percentile(run.visible, q):>12.1f}")
+    print(f"{'(complaint, projection) behind when the load stopped':<52}{behind_at_stop:>12,}")
+    print(f"{'all three projections at the latest version after, s':<52}{caught_up:>12.2f}")
     print(f"{'runtime RSS (all processes), max MiB':<52}{max(rss, default=float('nan')):>12.0f}")
     print(f"{'raw limit: decide + append from one process, ev/s':<52}{raw:>12,.0f}")
     print("-" * 64)
