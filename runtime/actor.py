@@ -23,6 +23,7 @@ settles each as above: the handler must be all or nothing and deduplicate, as pr
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -52,7 +53,7 @@ from runtime.observability.metrics import Metrics
 from runtime.parking import Parking
 from runtime.routing import mailbox_index
 from runtime.store.protocol import EventStore
-from runtime.stream_source import Committed, StreamSource
+from runtime.stream_source import HELD_FLOOR, Committed, StreamSource
 
 if TYPE_CHECKING:
     from runtime.topology import ActorSpec, Topology
@@ -224,24 +225,22 @@ class QueueActor:
                 store=ctx.store,
                 bus=ctx.bus,
                 skipper=partial(self._committed, stream),
+                before_reading=self._learn_blocks,
             )
             for stream, keys in spec.stream_bindings(ctx.topology.stream_names).items()
         ]
+
+    async def _learn_blocks(self) -> None:
+        """Taking over a stream's reading: learn the blocks another process recorded."""
+        if self._parking is not None:
+            await self._parking.load()
 
     async def _committed(self, stream: str) -> Committed | None:
         """The handler's stream marks, if it keeps them with its effects."""
         if not isinstance(self.handler, MarksStreams):
             return None
         marks = await self.handler.stream_marks(stream)
-        if not marks:
-            return None
-        parking = self._parking
-
-        def parked(key: str) -> str | None:
-            block = parking.blocks.get(key) if parking is not None else None
-            return block.blocker if block is not None else None
-
-        return Committed(marks, self.context.spec.consumers, parked)
+        return Committed(marks, self.context.spec.consumers) if marks else None
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
         spec = self.context.spec
@@ -304,8 +303,10 @@ class QueueActor:
         self.hooks.after_handle(ctx.name, delivery, "dead_letter", 0.0, error)
 
     async def _poll_parking(self, senders: list[MemoryObjectSendStream[Delivery]]) -> None:
-        """While some aggregate is blocked, look for blocks changed elsewhere (lifted by the
-        CLI or by another process that handled the blocker) and wake their workers."""
+        """Look for blocks changed elsewhere (lifted by the CLI or by another process that
+        handled the blocker, recorded or dead-lettered by another process) and tell their
+        workers: a busy worker looks at its changes before its next batch, an idle one is
+        woken (``WAKE``)."""
         parking = self._parking
         assert parking is not None
         while True:
@@ -325,7 +326,8 @@ class QueueActor:
                 self._changed[index].add(key)
                 woken.add(index)
             for index in woken:
-                await senders[index].send(WAKE)
+                with contextlib.suppress(anyio.WouldBlock):  # full: the worker is busy
+                    senders[index].send_nowait(WAKE)
 
     @staticmethod
     async def _route(senders: list[MemoryObjectSendStream[Delivery]], delivery: Delivery) -> None:
@@ -349,25 +351,26 @@ class QueueActor:
         # them. What the grace period cannot finish goes back when the channel closes.
         limit = self.context.spec.batch_size
         batching = limit > 1 and isinstance(self.handler, BatchHandler)
+        parking = self._parking
+        if parking is not None and parking.streams:  # this task's stream marks stay below
+            workers = self.context.spec.consumers  # what it holds, whenever they commit
+            HELD_FLOOR.set(partial(parking.held_floor, index, workers))
         async with receive:
             async for delivery in receive:
-                if delivery is WAKE:
+                if self._changed[index]:
                     await self._parking_changed(index)
+                if delivery is WAKE:
                     continue
                 batch = [delivery]
-                woken = False
                 while batching and len(batch) < limit:
                     try:
                         waiting = receive.receive_nowait()
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
                     if waiting is WAKE:
-                        woken = True
-                        break
+                        break  # its changes are looked at before the next batch
                     batch.append(waiting)
                 await self._run_batch(batch)
-                if woken:
-                    await self._parking_changed(index)
 
     async def _parking_changed(self, index: int) -> None:
         parking = self._parking
@@ -379,9 +382,15 @@ class QueueActor:
     async def _run_batch(self, batch: list[Delivery]) -> None:
         parking = self._parking
         if parking is not None and parking.blocks:
+            if any(parking.is_blocker(d) for d in batch):
+                # a blocker's copy (a retry, a replay): what follows it in the batch must
+                # see the outcome of it first, so one by one
+                for delivery in batch:
+                    await self._one(delivery)
+                return
             batch = [d for d in batch if not await parking.intercept(d)]
         if len(batch) > 1 and await self._process_batch(batch):
-            if parking is not None and parking.blocks:
+            if parking is not None:
                 for delivery in batch:
                     for released in await parking.succeeded(delivery):
                         await self._one(released)
@@ -395,7 +404,7 @@ class QueueActor:
         parking = self._parking
         if parking is not None and await parking.intercept(delivery):
             return
-        if await self._process(delivery) == "ack" and parking is not None and parking.blocks:
+        if await self._process(delivery) == "ack" and parking is not None:
             for released in await parking.succeeded(delivery):
                 await self._one(released)
 

@@ -640,14 +640,22 @@ def dlq_skip(queue: str, message_id: str, topology_path: str) -> None:
     from runtime.naming import dead_letter_queue  # noqa: PLC0415
 
     topology = load_or_exit(topology_path, check_handlers=False)
+    parked: list[ParkedKey] = run_or_exit(_parked_keys, topology, queue) or []
+    rows = [row for row in parked if row.blocker == message_id]
+    retrying = [row for row in rows if not row.dead]
+    if retrying:
+        click.echo(
+            f"error: message {message_id} is still on the retry ladder of actor "
+            f"{retrying[0].actor} (aggregate {retrying[0].key}), not dead-lettered: the block "
+            "lifts itself when it succeeds; skip it once it is in the DLQ",
+            err=True,
+        )
+        sys.exit(1)
     dropped = _bus_call(topology_path, queue, lambda bus: bus.purge_dead_letters(queue, message_id))
 
     async def lift() -> list[ParkedKey]:
         from runtime.store.postgres import PostgresEventStore  # noqa: PLC0415
 
-        rows = [
-            row for row in await _parked_keys(topology, queue) or [] if row.blocker == message_id
-        ]
         if rows:
             store = await PostgresEventStore.connect(topology.database_url)
             try:

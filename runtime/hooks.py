@@ -92,7 +92,15 @@ class HookChain(Hooks):
         self._each("after_handle", actor, delivery, outcome, seconds, error)
 
     def after_batch(self, actor: str, deliveries: Sequence[Delivery], seconds: float) -> None:
-        self._each("after_batch", actor, deliveries, seconds)
+        for hook in self.hooks:
+            try:
+                if hasattr(hook, "after_batch"):
+                    hook.after_batch(actor, deliveries, seconds)
+                else:  # a hook that only knows after_handle
+                    for delivery in deliveries:
+                        hook.after_handle(actor, delivery, "ack", seconds, None)
+            except Exception:  # noqa: BLE001 - by design: hooks must not break handling
+                logger.exception("hook {hook}.after_batch failed", hook=type(hook).__name__)
 
 
 class LoggingHooks(Hooks):

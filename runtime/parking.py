@@ -13,14 +13,19 @@ the stream offset does not move past them) while the other aggregates keep flowi
   lifts the block; replay the parked events after it).
 
 Blocks are recorded in the event store (``park``/``unpark``) before the blocker is retried
-or dead-lettered, so a restart, a second process handling the blocker's retried copy and the
-CLI all see them. The actor polls its blocks while it has any (``poll_interval``): a block
-lifted elsewhere releases the held events; a blocker dead-lettered elsewhere sends them to
-the dead-letter queue; a retrying block older than the whole retry ladder (its copy lost)
-turns dead, so a lost retry cannot hold a stream back forever.
+or dead-lettered, so a restart, a second process and the CLI all see them: whichever process
+handles the blocker's copy lifts the block in the store, and every process polls its blocks
+(``poll``), so a block lifted elsewhere releases the held events, one dead-lettered elsewhere
+sends them to the dead-letter queue, and one recorded elsewhere holds this process's events
+too. A block turns dead (everything of the aggregate to the dead-letter queue, in order,
+the blocker's returning retry copy included) when its retry copy has not come back after
+``stale_after`` (lost), or when it holds more queue copies than ``max_held_copies`` (queue
+copies held unacknowledged use up the consumer's prefetch, and the blocker's own copy must
+still get through).
 
-Only events read from a domain stream (or retried copies of them) are parked: other queue
-messages have no aggregate order to keep.
+Only events read from a domain stream (or copies of them from the retry queue or a replay)
+are parked: other queue messages have no aggregate order to keep. Store calls wait out an
+outage in place, like a handler's.
 """
 
 from __future__ import annotations
@@ -28,12 +33,18 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+import anyio
+from loguru import logger
 
 from runtime.bus.protocol import Delivery
-from runtime.errors import ParkedError
+from runtime.errors import ParkedError, StoreUnavailableError
 from runtime.observability.metrics import Metrics
+from runtime.routing import mailbox_index
 from runtime.store.protocol import EventStore, ParkedKey, utcnow
 
+T = TypeVar("T")
 #: Sends a held delivery to the dead-letter queue (and accounts for it).
 DeadLetter = Callable[[Delivery, BaseException], Awaitable[None]]
 
@@ -41,8 +52,8 @@ DeadLetter = Callable[[Delivery, BaseException], Awaitable[None]]
 @dataclass
 class Block:
     blocker: str  # the failed event's message id
-    dead: bool  # the blocker is in the dead-letter queue
-    since: float  # time.monotonic() when it was blocked (or loaded)
+    dead: bool  # the blocker is in the dead-letter queue (or lost, or overflowed)
+    since: float  # time.monotonic() when it was blocked (or learnt)
     held: list[Delivery] = field(default_factory=list)
     lifted: bool = False  # lifted elsewhere: release ``held`` at the worker's next turn
 
@@ -55,21 +66,42 @@ class Parking:
     dead_letter: DeadLetter
     metrics: Metrics | None = None
     stale_after: float = 600.0  # a retrying block older than this has lost its blocker
+    max_held_copies: int = 16  # queue copies held before the block turns dead
     blocks: dict[str, Block] = field(default_factory=dict)
 
     def applies(self, delivery: Delivery) -> bool:
         return delivery.original_exchange in self.streams
 
     async def load(self) -> None:
-        """The actor's blocks recorded in the store (a restart, or another process's)."""
+        """Learn the blocks recorded in the store (at start, and when this process takes
+        over a stream's reading: another process may have blocked aggregates meanwhile)."""
         if not self.streams:
             return
+        rows = await self._store(lambda: self.store.parked_keys(self.actor))
         now = time.monotonic()
-        self.blocks = {
-            row.key: Block(row.blocker, row.dead, now)
-            for row in await self.store.parked_keys(self.actor)
-        }
+        for row in rows:
+            block = self.blocks.get(row.key)
+            if block is None or block.blocker != row.blocker:
+                self.blocks[row.key] = Block(row.blocker, row.dead, now)
+            elif row.dead:
+                block.dead = True
         self._measure()
+
+    def held_floor(self, worker: int, workers: int) -> dict[str, int]:
+        """Per stream, the lowest offset this worker holds (a stream mark must stay below
+        it: the entries it holds are not handled)."""
+        floor: dict[str, int] = {}
+        for key, block in self.blocks.items():
+            if block.held and mailbox_index(key, workers) == worker:
+                for delivery in block.held:
+                    if delivery.consumer < 0 and delivery.delivery_tag >= 0:
+                        stream = delivery.exchange
+                        floor[stream] = min(delivery.delivery_tag, floor.get(stream, 1 << 62))
+        return floor
+
+    def is_blocker(self, delivery: Delivery) -> bool:
+        block = self.blocks.get(delivery.ordering_key) if self.blocks else None
+        return block is not None and block.blocker == delivery.message_id
 
     async def intercept(self, delivery: Delivery) -> bool:
         """True if ``delivery`` waits behind its aggregate's blocker (held, or sent to the
@@ -78,12 +110,34 @@ class Parking:
             return False
         key = delivery.ordering_key
         block = self.blocks.get(key)
-        if block is None or block.blocker == delivery.message_id:
+        if block is None:
+            return False
+        if block.blocker == delivery.message_id:
+            if block.dead and not block.lifted and delivery.attempts > 0:
+                # a retry copy coming back to a block that went dead without it (lost,
+                # or overflowed): it joins its aggregate in the DLQ (a replay has 0 attempts)
+                await self._dead_letter_held(key, block)
+                await self.dead_letter(delivery, ParkedError(self.actor, key, block.blocker))
+                return True
             return False
         if block.dead and not block.lifted:
+            await self._dead_letter_held(key, block)  # what waited comes first
             await self.dead_letter(delivery, ParkedError(self.actor, key, block.blocker))
             return True
         block.held.append(delivery)  # lifted elsewhere: released, in order, at the wake-up
+        copies = sum(1 for held in block.held if held.consumer >= 0)
+        if copies > self.max_held_copies and not block.lifted:
+            logger.warning(
+                "actor {actor}: {count} queue copies wait behind message {blocker} of "
+                "aggregate {key}; sending the aggregate's events to the DLQ to free the "
+                "consumer's prefetch",
+                actor=self.actor,
+                count=copies,
+                blocker=block.blocker,
+                key=key,
+            )
+            await self._turn_dead(key, block, "too many copies held behind it")
+            await self._dead_letter_held(key, block)
         self._measure()
         return True
 
@@ -94,14 +148,15 @@ class Parking:
             return
         key = delivery.ordering_key
         block = self.blocks.get(key)
-        if block is not None and block.blocker != delivery.message_id:
+        if block is not None and block.blocker != delivery.message_id and not block.lifted:
             return  # a held event released and failing is the new blocker only once popped
-        if block is None:
-            block = self.blocks[key] = Block(delivery.message_id, dead, time.monotonic())
+        parked = ParkedKey(self.actor, key, delivery.message_id, dead, reason[:1000], utcnow())
+        await self._store(lambda: self.store.park(parked))
+        if block is None or block.blocker != delivery.message_id:
+            held = block.held if block is not None else []
+            block = self.blocks[key] = Block(delivery.message_id, dead, time.monotonic(), held)
         block.dead = dead
-        await self.store.park(
-            ParkedKey(self.actor, key, delivery.message_id, dead, reason[:1000], utcnow())
-        )
+        block.lifted = False
         self._measure()
 
     async def dead_lettered(self, delivery: Delivery) -> None:
@@ -112,52 +167,66 @@ class Parking:
         await self._dead_letter_held(delivery.ordering_key, block)
 
     async def succeeded(self, delivery: Delivery) -> list[Delivery]:
-        """``delivery`` was handled: if it was its aggregate's blocker, lift the block and
-        return the held events, to handle in order."""
-        block = self.blocks.get(delivery.ordering_key) if self.blocks else None
-        if block is None or block.blocker != delivery.message_id:
+        """``delivery`` was handled: if it was its aggregate's blocker, lift the block (also
+        in the store when the block is another process's) and return the held events, to
+        handle in order."""
+        if not self.applies(delivery):
             return []
-        del self.blocks[delivery.ordering_key]
-        await self.store.unpark(self.actor, delivery.ordering_key, delivery.message_id)
+        key = delivery.ordering_key
+        block = self.blocks.get(key) if self.blocks else None
+        mine = block is not None and block.blocker == delivery.message_id
+        if not mine and delivery.consumer < 0:
+            return []  # read from the stream, not blocking anything
+        if mine or delivery.consumer >= 0:
+            # a copy (retry, replay): it may be the blocker of a block recorded elsewhere
+            await self._store(lambda: self.store.unpark(self.actor, key, delivery.message_id))
+        if not mine:
+            return []
+        assert block is not None
+        del self.blocks[key]
         self._measure()
         return block.held
 
     async def poll(self) -> set[str]:
         """Compare the blocks with the store's; return the keys that changed (lifted, or
-        dead-lettered elsewhere, or stale), for their worker's ``take_changes``."""
-        if not self.blocks:
+        dead-lettered elsewhere, or stale), for their worker's ``take_changes``. Blocks
+        recorded elsewhere are learnt (their aggregate's events are held from now on)."""
+        if not self.streams:
             return set()
+        seen = dict(self.blocks)  # what the store's answer is compared with
         rows = {row.key: row for row in await self.store.parked_keys(self.actor)}
         now = time.monotonic()
         changed: set[str] = set()
-        for key, block in self.blocks.items():
+        stale: list[tuple[str, Block]] = []
+        for key, block in seen.items():
+            if self.blocks.get(key) is not block or block.lifted:
+                continue  # changed by the worker meanwhile: its own call recorded it
             row = rows.get(key)
             if row is None or row.blocker != block.blocker:
+                # (a block is in memory only once its row committed, so the row is gone)
                 block.lifted = True
                 changed.add(key)
             elif row.dead and not block.dead:
                 block.dead = True
                 changed.add(key)
             elif not block.dead and now - block.since > self.stale_after:
-                block.dead = True
-                changed.add(key)
-                await self.store.park(
-                    ParkedKey(
-                        self.actor,
-                        key,
-                        block.blocker,
-                        True,
-                        f"its retry did not come back within {self.stale_after:g}s",
-                        utcnow(),
-                    )
-                )
+                stale.append((key, block))
+        for key, row in rows.items():
+            if key not in self.blocks:
+                self.blocks[key] = Block(row.blocker, row.dead, now)
+        for key, block in stale:
+            await self._turn_dead(
+                key, block, f"its retry did not come back within {self.stale_after:g}s"
+            )
+            changed.add(key)
+        self._measure()
         return changed
 
     async def take_changes(self, keys: set[str]) -> list[Delivery]:
         """At the worker's turn: dead-letter what waits behind a blocker now dead; return
         what a lifted block held, to handle in order."""
         released: list[Delivery] = []
-        for key in keys:
+        for key in sorted(keys):
             block = self.blocks.get(key)
             if block is None:
                 continue
@@ -169,11 +238,33 @@ class Parking:
         self._measure()
         return released
 
+    async def _turn_dead(self, key: str, block: Block, reason: str) -> None:
+        parked = ParkedKey(self.actor, key, block.blocker, True, reason, utcnow())
+        await self._store(lambda: self.store.park(parked))
+        block.dead = True
+
     async def _dead_letter_held(self, key: str, block: Block) -> None:
         held, block.held = block.held, []
         for waiting in held:
             await self.dead_letter(waiting, ParkedError(self.actor, key, block.blocker))
         self._measure()
+
+    async def _store(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A store call that waits out an outage in place (the held events stay held)."""
+        outage = 0
+        while True:
+            try:
+                return await call()
+            except StoreUnavailableError as exc:
+                outage += 1
+                pause = min(30.0, 0.5 * 2 ** min(outage - 1, 6))
+                logger.warning(
+                    "actor {actor}: parking cannot reach the store ({error}); retry in {pause:g}s",
+                    actor=self.actor,
+                    error=exc,
+                    pause=pause,
+                )
+                await anyio.sleep(pause)
 
     def _measure(self) -> None:
         if self.metrics is None:

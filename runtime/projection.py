@@ -48,6 +48,7 @@ from runtime.routing import mailbox_index
 from runtime.store.codec import Envelope, EventCodec
 from runtime.store.protocol import RecordedEvent
 from runtime.store.readmodel import ReadModelStore, ReadModelTx, open_read_model_store
+from runtime.stream_source import HELD_FLOOR
 
 
 class ReadModelOwner:
@@ -99,16 +100,22 @@ def mark_name(stream: str, worker: int, workers: int) -> str:
     return f"{stream}:{worker}/{workers}"
 
 
-def batch_marks(deliveries: Sequence[Delivery], workers: int) -> dict[str, int]:
+def batch_marks(
+    deliveries: Sequence[Delivery], workers: int, floor: dict[str, int] | None = None
+) -> dict[str, int]:
     """The offset of the last stream entry of each (stream, worker) in ``deliveries``
-    (entries carry their offset as ``delivery_tag`` and a negative ``consumer``)."""
+    (entries carry their offset as ``delivery_tag`` and a negative ``consumer``), kept
+    below ``floor`` (per stream, the lowest offset the worker holds unhandled)."""
     marks: dict[str, int] = {}
     for delivery in deliveries:
         if delivery.consumer < 0 and delivery.delivery_tag >= 0:
+            offset = delivery.delivery_tag
+            if floor and delivery.exchange in floor:
+                offset = min(offset, floor[delivery.exchange] - 1)
             worker = mailbox_index(delivery.ordering_key, workers)
             name = mark_name(delivery.exchange, worker, workers)
-            marks[name] = max(delivery.delivery_tag, marks.get(name, -1))
-    return marks
+            marks[name] = max(offset, marks.get(name, -1))
+    return {name: offset for name, offset in marks.items() if offset >= 0}
 
 
 class ProjectionHandler(ReadModelOwner, abc.ABC):
@@ -143,11 +150,12 @@ class ProjectionHandler(ReadModelOwner, abc.ABC):
 
     async def handle_batch(self, deliveries: Sequence[Delivery]) -> None:
         records = [decode_event(d.message_id, d.body) for d in deliveries]
-        marks = batch_marks(deliveries, self.context.spec.consumers)
+        held = HELD_FLOOR.get()
 
         async def work(tx: ReadModelTx) -> int:
             applied = await self.project_all(tx, records)
-            for name, offset in marks.items():
+            floor = held() if held is not None else None  # what is held now, at the commit
+            for name, offset in batch_marks(deliveries, self.context.spec.consumers, floor).items():
                 await tx.put(MARKS, name, {"offset": offset})
             return applied
 

@@ -18,6 +18,7 @@ duplicates its effects ignore.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import anyio
@@ -37,16 +38,23 @@ FROM_THE_STORE = -1
 Send = Callable[[Delivery], Awaitable[None]]
 
 
+#: In a worker's task: per stream, the lowest offset the worker holds behind a blocker
+#: (``Parking.held_floor``). A stream mark committed with a batch stays below it, so every
+#: entry at or below a mark was handled, retried or dead-lettered, never merely held.
+HELD_FLOOR: ContextVar[Callable[[], dict[str, int]] | None] = ContextVar(
+    "magasin_held_floor", default=None
+)
+
+
 @dataclass(frozen=True)
 class Committed:
     """What an actor committed of a stream with its effects (``ProjectionHandler``'s stream
-    marks): per worker, the offset of the last entry. An entry read again at or below its
-    worker's mark was handled, retried or dead-lettered, so it is skipped; unless its
-    aggregate is parked behind another event: then it was held, not handled."""
+    marks): per worker, the offset up to which all its entries were settled (handled,
+    retried or dead-lettered; see ``HELD_FLOOR``). An entry read again at or below its
+    worker's mark is skipped."""
 
     marks: dict[int, int]  # worker -> offset
     workers: int
-    parked: Callable[[str], str | None]  # ordering key -> its blocker's message id
 
     @property
     def until(self) -> int:
@@ -56,11 +64,7 @@ class Committed:
         offset = delivery.delivery_tag
         if offset < 0 or delivery.consumer >= 0:
             return False  # read from the store, or not a stream entry
-        key = delivery.ordering_key
-        if offset > self.marks.get(mailbox_index(key, self.workers), -1):
-            return False
-        blocker = self.parked(key)
-        return blocker is None or blocker == delivery.message_id
+        return offset <= self.marks.get(mailbox_index(delivery.ordering_key, self.workers), -1)
 
 
 #: Loads what the actor committed of a stream, as a reading of it starts (None: nothing).
@@ -86,6 +90,7 @@ class StreamSource:
         bus: Bus,
         save_interval: float = 0.2,
         skipper: Skipper | None = None,
+        before_reading: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.actor = actor
         self.stream = stream
@@ -96,6 +101,7 @@ class StreamSource:
         self.bus = bus
         self.save_interval = save_interval
         self.skipper = skipper
+        self.before_reading = before_reading  # once the lease is held, before the offset
         self.skipped = 0  # entries read again and skipped, committed before
         self.name = stream_offset_name(actor, stream)
         self.saved = -1
@@ -103,6 +109,8 @@ class StreamSource:
 
     async def run(self, send: Send) -> None:
         async with self.store.leader_lease(self.name) as lease:
+            if self.before_reading is not None:
+                await self.before_reading()
             offset = (await self.store.load_checkpoint(self.name)).position
             self.saved = offset
             async with self.bus.consume_stream(

@@ -534,6 +534,56 @@ class StreamRuntimeContract:
         assert handled("a") == [0, 1, 2, 3]
         assert [k for k, _, _ in ATTEMPTS[registry]].count("a") == 2 + 4  # a/0 twice, then all
 
+    async def test_a_blocker_handled_by_another_runtime_releases_what_the_reader_holds(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        """The stream's reader holds a's later events; the blocker's retry copy may reach
+        the other runtime (both consume the work queue), which lifts the block in the
+        store; the reader learns it and releases them, in order."""
+        registry, queue = names
+        store = MemoryEventStore()
+        topology = stream_topology(registry, queue, max_attempts=6)
+        async with running_on(bus, topology, store), running_on(bus, topology, store):
+            await write_jobs(
+                bus,
+                [
+                    (registry, "a", 0, "flaky", {"fails": 2}),  # the copy that passes: the other
+                    (registry, "a", 1, "ok", {}),
+                    (registry, "a", 2, "ok", {}),
+                ],
+            )
+            await wait_until(lambda: len(HANDLED[registry]) == 3, within=30)
+            assert await store.parked_keys() == []
+        assert [seq for _, seq, _ in HANDLED[registry]] == [0, 1, 2]
+
+    async def test_a_replay_into_a_busy_batching_actor_handles_the_blocker_first(
+        self, bus: Bus, names: tuple[str, str]
+    ) -> None:
+        """The replayed blocker and its parked events arrive in one batch: the blocker is
+        handled first and the others follow it, instead of going back to the DLQ."""
+        registry, queue = names
+        store = MemoryEventStore()
+        topology = stream_topology(registry, queue, max_attempts=2, handler="BatchRecorder")
+        async with running_on(bus, topology, store):
+            await write_jobs(
+                bus,
+                [
+                    (registry, "a", 0, "broken", {}),
+                    (registry, "a", 1, "ok", {}),
+                    (registry, "b", 0, "ok", {}),
+                    (registry, "a", 2, "ok", {}),
+                ],
+            )
+            await _wait_dead_letters(bus, queue, 3)
+            FIXED.add(f"{registry}/a")
+            await write(bus, registry, "b", 1, "sleep", seconds=0.5)  # the worker is busy
+            await anyio.sleep(0.1)
+            assert await bus.replay_dead_letters(queue) == 3
+            await wait_until(lambda: len([k for k, _, _ in HANDLED[registry] if k == "a"]) == 3)
+            await wait_until(lambda: not store._parked)
+            assert list(await bus.list_dead_letters(queue)) == []
+        assert [seq for k, seq, _ in HANDLED[registry] if k == "a"] == [0, 1, 2]
+
     async def test_a_restart_resumes_from_the_saved_offset_and_handles_nothing_twice(
         self, bus: Bus, names: tuple[str, str]
     ) -> None:

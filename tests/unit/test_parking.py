@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 
+import msgspec
 import pytest
 
 from runtime.bus.protocol import X_ORDERING_KEY, Delivery
@@ -157,3 +158,64 @@ async def test_blocks_recorded_before_a_restart_are_loaded(
     assert set(parking.blocks) == {"a"}
     assert await parking.intercept(event("a", 1))
     assert not await parking.intercept(event("b", 1))
+
+
+def copy(delivery: Delivery, attempts: int = 1) -> Delivery:
+    """``delivery`` as it comes back from the work queue (a retry copy, or a replay)."""
+    return msgspec.structs.replace(
+        delivery, consumer=7, headers={**delivery.headers, "x-attempts": attempts}
+    )
+
+
+async def test_a_block_recorded_elsewhere_is_learnt_and_holds_this_processs_events(
+    parking: Parking, store: MemoryEventStore
+) -> None:
+    await store.park(ParkedKey("worker", "a", "a-0", False, "boom", utcnow()))
+    assert await parking.poll() == set()
+    assert await parking.intercept(event("a", 1))
+
+
+async def test_a_copy_that_succeeds_lifts_its_block_in_the_store_even_when_it_is_elsewhere(
+    parking: Parking, store: MemoryEventStore
+) -> None:
+    blocker = event("a", 0)
+    await store.park(ParkedKey("worker", "a", blocker.message_id, False, "boom", utcnow()))
+    assert await parking.succeeded(copy(blocker)) == []
+    assert await store.parked_keys() == []
+
+
+async def test_a_dead_block_takes_a_returning_retry_copy_along_but_handles_a_replay(
+    parking: Parking, dead: Dead
+) -> None:
+    blocker = event("a", 0)
+    await parking.failed(blocker, dead=True, reason="lost")
+    assert await parking.intercept(copy(blocker, attempts=2))  # to the DLQ with the others
+    assert not await parking.intercept(copy(blocker, attempts=0))  # a replay: handled
+    assert [d.headers["x-attempts"] for d, _ in dead.letters] == [2]
+
+
+async def test_too_many_held_copies_send_the_aggregate_to_the_dlq_in_order(
+    store: MemoryEventStore, dead: Dead
+) -> None:
+    parking = Parking("worker", store, frozenset({STREAM}), dead, max_held_copies=2)
+    blocker = event("a", 0)
+    await parking.failed(blocker, dead=False, reason="boom")
+    copies = [copy(event("a", seq), 0) for seq in (2, 3, 4)]  # replayed, say
+    waiting = [event("a", 1), *copies, event("a", 5)]
+    for delivery in waiting:
+        assert await parking.intercept(delivery)
+    assert [d for d, _ in dead.letters] == waiting  # the third copy turned the block dead
+    (row,) = await store.parked_keys("worker")
+    assert row.dead
+
+
+async def test_a_block_turned_dead_elsewhere_sends_what_it_held_before_what_comes_next(
+    parking: Parking, store: MemoryEventStore, dead: Dead
+) -> None:
+    blocker, held, later = event("a", 0), event("a", 1), event("a", 2)
+    await parking.failed(blocker, dead=False, reason="boom")
+    assert await parking.intercept(held)
+    await store.park(ParkedKey("worker", "a", blocker.message_id, True, "boom", utcnow()))
+    assert await parking.poll() == {"a"}
+    assert await parking.intercept(later)  # before the worker's turn came
+    assert [d for d, _ in dead.letters] == [held, later]

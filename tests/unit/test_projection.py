@@ -26,7 +26,7 @@ from runtime.bus.protocol import X_ORDERING_KEY, Delivery
 from runtime.errors import ActorError, ConfigurationError, MessageDecodeError, Reject, Retry
 from runtime.messages import encode_event, event_headers, routing_key
 from runtime.observability.metrics import Metrics
-from runtime.projection import ProjectionHandler
+from runtime.projection import ProjectionHandler, batch_marks, mark_name
 from runtime.routing import mailbox_index
 from runtime.store import EventCodec, EventStore, NewEvent, RecordedEvent, StreamId
 from runtime.store.codec import Envelope
@@ -486,26 +486,32 @@ async def test_a_restart_whose_saved_offset_lags_skips_what_the_projection_commi
     await assert_projected_exactly_once(read_model_store_for(url), [*first, *then])
 
 
-def test_committed_marks_skip_what_each_worker_committed_unless_parked() -> None:
-    def entry(key: str, offset: int, message_id: str = "m") -> Delivery:
-        return Delivery(
-            "q", message_id, b"{}", {X_ORDERING_KEY: key}, EXCHANGE, "r", False, offset, -1
-        )
+def stream_entry_delivery(key: str, offset: int, stream: str = EXCHANGE) -> Delivery:
+    return Delivery(
+        "q", f"{key}-{offset}", b"{}", {X_ORDERING_KEY: key}, stream, "r", False, offset, -1
+    )
 
+
+def test_committed_marks_skip_what_each_worker_committed() -> None:
     worker = {key: mailbox_index(key, 2) for key in ("a", "b", "c", "d")}
     a, other = "a", next(k for k, w in worker.items() if w != worker["a"])
-    marks = {worker[a]: 10, worker[other]: 4}
-    parked = {"c" if worker["c"] == worker[a] else a: "blocker"}
-    committed = Committed(marks, 2, parked.get)
+    committed = Committed({worker[a]: 10, worker[other]: 4}, 2)
     assert committed.until == 10
-    assert committed(entry(a, 10)) is (a not in parked)
-    assert not committed(entry(a, 11))
-    assert committed(entry(other, 4))
-    assert not committed(entry(other, 5))
-    held_key = next(iter(parked))
-    assert not committed(entry(held_key, 3))  # held behind its blocker, not handled
-    assert committed(entry(held_key, 3, "blocker"))  # the blocker's copy is on the ladder
-    queue_copy = msgspec.structs.replace(entry(a, 2), consumer=1)
-    assert not committed(queue_copy)
-    from_store = entry(a, -1)
-    assert not committed(from_store)
+    assert committed(stream_entry_delivery(a, 10))
+    assert not committed(stream_entry_delivery(a, 11))
+    assert committed(stream_entry_delivery(other, 4))
+    assert not committed(stream_entry_delivery(other, 5))
+    queue_copy = msgspec.structs.replace(stream_entry_delivery(a, 2), consumer=1)
+    assert not committed(queue_copy)  # a retried or replayed copy: never skipped
+    assert not committed(stream_entry_delivery(a, -1))  # read from the event store
+
+
+def test_a_mark_stays_below_what_the_worker_holds_behind_a_blocker() -> None:
+    batch = [stream_entry_delivery("a", 7), stream_entry_delivery("a", 12)]
+    name = mark_name(EXCHANGE, mailbox_index("a", 1), 1)
+    assert batch_marks(batch, 1) == {name: 12}
+    assert batch_marks(batch, 1, {EXCHANGE: 9}) == {name: 8}  # offset 9 is held
+    assert batch_marks(batch, 1, {"other.events": 3}) == {name: 12}
+    assert batch_marks([stream_entry_delivery("a", 0)], 1, {EXCHANGE: 0}) == {}
+    copies = [msgspec.structs.replace(d, consumer=3) for d in batch]
+    assert batch_marks(copies, 1) == {}  # queue copies carry no offset
