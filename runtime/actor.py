@@ -37,6 +37,7 @@ from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from loguru import logger
 
+from runtime.backoff import outage_pause
 from runtime.bus.protocol import Bus, Delivery
 from runtime.errors import (
     BusError,
@@ -488,7 +489,7 @@ class QueueActor:
                 outage += 1
                 waiting = f"{type(exc).__name__}: {exc}"
                 self._waiting[delivery.consumer, delivery.delivery_tag] = waiting
-                pause = min(30.0, 0.5 * 2 ** min(outage - 1, 6))
+                pause = outage_pause(outage)
                 logger.warning(
                     "actor {actor}: {error!r}; holding the message, retry in {pause:g}s",
                     actor=ctx.name,

@@ -38,6 +38,12 @@ class Backoff:
         return float(min(self.max_backoff, max(0.0, jittered)))
 
 
+def outage_pause(outage: int) -> float:
+    """Seconds to wait before trying again, the ``outage``-th time in a row (from 1), while
+    the store or the broker is down: 0.5 s, doubled each time, at most 30 s."""
+    return float(min(30.0, 0.5 * 2 ** min(max(outage, 1) - 1, 6)))
+
+
 class RestartIntensity:
     """Counts restarts in a sliding window; ``record`` says whether the limit is exceeded."""
 

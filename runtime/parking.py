@@ -38,6 +38,7 @@ from typing import TypeVar
 import anyio
 from loguru import logger
 
+from runtime.backoff import outage_pause
 from runtime.bus.protocol import Delivery
 from runtime.errors import ParkedError, StoreUnavailableError
 from runtime.observability.metrics import Metrics
@@ -257,7 +258,7 @@ class Parking:
                 return await call()
             except StoreUnavailableError as exc:
                 outage += 1
-                pause = min(30.0, 0.5 * 2 ** min(outage - 1, 6))
+                pause = outage_pause(outage)
                 logger.warning(
                     "actor {actor}: parking cannot reach the store ({error}); retry in {pause:g}s",
                     actor=self.actor,
