@@ -21,7 +21,7 @@ too. A block turns dead (everything of the aggregate to the dead-letter queue, i
 the blocker's returning retry copy included) when its retry copy has not come back after
 ``stale_after`` (lost), or when it holds more queue copies than ``max_held_copies`` (queue
 copies held unacknowledged use up the consumer's prefetch, and the blocker's own copy must
-still get through).
+still get through) or more events than ``max_held`` (memory stays bounded).
 
 Only events read from a domain stream (or copies of them from the retry queue or a replay)
 are parked: other queue messages have no aggregate order to keep. Store calls wait out an
@@ -68,6 +68,7 @@ class Parking:
     metrics: Metrics | None = None
     stale_after: float = 600.0  # a retrying block older than this has lost its blocker
     max_held_copies: int = 16  # queue copies held before the block turns dead
+    max_held: int = 10_000  # events of one aggregate held before the block turns dead
     blocks: dict[str, Block] = field(default_factory=dict)
 
     def applies(self, delivery: Delivery) -> bool:
@@ -127,17 +128,19 @@ class Parking:
             return True
         block.held.append(delivery)  # lifted elsewhere: released, in order, at the wake-up
         copies = sum(1 for held in block.held if held.consumer >= 0)
-        if copies > self.max_held_copies and not block.lifted:
+        too_many = copies > self.max_held_copies or len(block.held) > self.max_held
+        if too_many and not block.lifted:
             logger.warning(
-                "actor {actor}: {count} queue copies wait behind message {blocker} of "
-                "aggregate {key}; sending the aggregate's events to the DLQ to free the "
-                "consumer's prefetch",
+                "actor {actor}: {count} events ({copies} of them queue copies) wait behind "
+                "message {blocker} of aggregate {key}; sending the aggregate's events to the "
+                "DLQ (queue copies use up the consumer's prefetch; memory is bounded)",
                 actor=self.actor,
-                count=copies,
+                count=len(block.held),
+                copies=copies,
                 blocker=block.blocker,
                 key=key,
             )
-            await self._turn_dead(key, block, "too many copies held behind it")
+            await self._turn_dead(key, block, "too many events held behind it")
             await self._dead_letter_held(key, block)
         self._measure()
         return True

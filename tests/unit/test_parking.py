@@ -219,3 +219,15 @@ async def test_a_block_turned_dead_elsewhere_sends_what_it_held_before_what_come
     assert await parking.poll() == {"a"}
     assert await parking.intercept(later)  # before the worker's turn came
     assert [d for d, _ in dead.letters] == [held, later]
+
+
+async def test_too_many_held_events_send_the_aggregate_to_the_dlq(
+    store: MemoryEventStore, dead: Dead
+) -> None:
+    parking = Parking("worker", store, frozenset({STREAM}), dead, max_held=3)
+    await parking.failed(event("a", 0), dead=False, reason="boom")
+    waiting = [event("a", seq) for seq in range(1, 6)]
+    for delivery in waiting:
+        assert await parking.intercept(delivery)
+    assert [d for d, _ in dead.letters] == waiting  # the fourth turned the block dead
+    assert parking.blocks["a"].held == []
