@@ -31,9 +31,10 @@ from runtime.messages import decode_event, encode_event, event_headers, routing_
 from runtime.routing import mailbox_index
 from runtime.store.protocol import Checkpoint, EventStore, Lease, RecordedEvent
 
-#: ``delivery_tag`` of the deliveries read from the event store during a catch-up: settling
-#: them moves no offset.
-FROM_THE_STORE = -1
+#: ``delivery_tag``s of the deliveries read from the event store during a catch-up count down
+#: from here: negative, so no stream mark or skip takes them for an offset; each is pinned
+#: in the reading's settlements until it is settled (``StreamDeliveries.pin``).
+FROM_THE_STORE = -2
 #: Hands a delivery to the actor's mailboxes (the one its ordering key picks).
 Send = Callable[[Delivery], Awaitable[None]]
 
@@ -144,7 +145,7 @@ class StreamSource:
                 if deliveries.first_offset is not None and (
                     deliveries.first_offset > deliveries.requested
                 ):
-                    await self._catch_up(delivery, send)
+                    await self._catch_up(deliveries, delivery, send)
             if skip is not None:
                 if skip(delivery):
                     self.skipped += 1
@@ -165,7 +166,7 @@ class StreamSource:
                 stream=self.stream,
             )
 
-    async def _catch_up(self, delivery: Delivery, send: Send) -> None:
+    async def _catch_up(self, deliveries: StreamDeliveries, delivery: Delivery, send: Send) -> None:
         """The events before ``delivery`` that the stream no longer holds, from the store."""
         until = decode_event(delivery.message_id, delivery.body).checkpoint
         logger.warning(
@@ -192,12 +193,14 @@ class StreamSource:
                     return
                 if matches(routing_key(record)):
                     count += 1
-                    await send(self._from_store(record, delivery.consumer))
+                    tag = FROM_THE_STORE - count
+                    deliveries.pin(tag)  # the saved offset waits for it
+                    await send(self._from_store(record, delivery.consumer, tag))
             if not batch:
                 return
             after = batch[-1].checkpoint
 
-    def _from_store(self, record: RecordedEvent, consumer: int) -> Delivery:
+    def _from_store(self, record: RecordedEvent, consumer: int, tag: int) -> Delivery:
         return Delivery(
             queue=self.queue,
             message_id=str(record.event_id),
@@ -206,7 +209,7 @@ class StreamSource:
             exchange=self.stream,
             routing_key=routing_key(record),
             redelivered=True,
-            delivery_tag=FROM_THE_STORE,
+            delivery_tag=tag,
             consumer=consumer,
         )
 

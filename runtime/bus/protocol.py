@@ -168,6 +168,12 @@ class StreamDeliveries(Protocol):
         """Every entry before this offset was settled (or not for this actor)."""
         ...
 
+    def pin(self, tag: int) -> None:
+        """A delivery with ``delivery_tag`` ``tag`` (negative) handed out from elsewhere
+        before the stream's entries (a catch-up from the event store): ``settled`` stays at
+        ``requested`` until it is settled."""
+        ...
+
     def __aiter__(self) -> AsyncIterator[Delivery]: ...
 
 

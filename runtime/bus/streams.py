@@ -149,8 +149,10 @@ class Settlements:
     """The offsets an actor was handed and has not settled yet, in order."""
 
     def __init__(self, offset: int) -> None:
+        self.start = offset  # the offset the reading started from
         self.next = offset  # the next offset to read
         self._open: dict[int, None] = {}  # insertion-ordered: offsets grow
+        self._pins = 0  # deliveries from elsewhere (the store) not settled yet
 
     def take(self, offset: int) -> None:
         self._open[offset] = None
@@ -159,8 +161,20 @@ class Settlements:
     def skip(self, offset: int) -> None:
         self.next = offset + 1
 
+    def pin(self, tag: int) -> None:
+        """A delivery handed out from elsewhere (``tag`` < 0: read from the event store
+        before the stream's first entry): until it is settled, ``settled`` stays at
+        ``start``, so a reading that starts again reads it again."""
+        if tag >= 0:
+            raise ValueError(f"a pinned delivery has a negative tag, got {tag}")
+        self._open[tag] = None
+        self._pins += 1
+
     def settle(self, offset: int) -> None:
-        self._open.pop(offset, None)
+        if offset in self._open:
+            del self._open[offset]
+            if offset < 0:
+                self._pins -= 1
 
     @property
     def unsettled(self) -> int:
@@ -168,7 +182,10 @@ class Settlements:
 
     @property
     def settled(self) -> int:
-        """Where to resume: the oldest unsettled offset, else the next one to read."""
+        """Where to resume: the oldest unsettled offset, else the next one to read (the
+        start while a pinned delivery is unsettled)."""
+        if self._pins:
+            return self.start
         return next(iter(self._open), self.next)
 
 
@@ -199,6 +216,9 @@ class StreamConsumer:
     @property
     def settled(self) -> int:
         return self.settlements.settled
+
+    def pin(self, tag: int) -> None:
+        self.settlements.pin(tag)
 
     def __aiter__(self) -> StreamConsumer:
         return self

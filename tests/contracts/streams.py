@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 
 import anyio
+import msgspec
 import pytest
 from anyio.abc import TaskStatus
 from hypothesis import HealthCheck, given, settings
@@ -428,6 +429,27 @@ class StreamContract:
             assert deliveries.settled == 6
             await bus.ack(d3)  # settling twice is harmless
             assert deliveries.settled == 6
+
+    async def test_a_pinned_delivery_holds_settled_at_the_start_until_it_is_settled(
+        self, bus: Bus
+    ) -> None:
+        """What a reader hands out from the event store before the stream's entries (a
+        catch-up behind the retention) keeps the resume point where the reading started."""
+        stream = await declared_stream(bus)
+        queue = await declared_queue(bus)
+        await bus.write_stream(stream, "relay", [entry(i, "a.x") for i in range(1, 4)])
+        async with bus.consume_stream(
+            stream, queue=queue, offset=1, routing_keys=["#"], prefetch=10
+        ) as deliveries:
+            first = await next_delivery(deliveries)
+            deliveries.pin(-3)
+            from_store = msgspec.structs.replace(first, delivery_tag=-3, message_id="old")
+            await bus.ack(first)
+            assert deliveries.settled == 1  # the pinned one is not settled
+            await bus.ack(from_store)
+            assert deliveries.settled == 2
+            with pytest.raises(ValueError, match="negative"):
+                deliveries.pin(4)
 
     async def test_consuming_from_a_saved_offset_resumes_there(self, bus: Bus) -> None:
         stream = await declared_stream(bus)
