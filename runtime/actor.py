@@ -436,8 +436,7 @@ class QueueActor:
             self._in_flight -= len(batch)
         if deadline.cancelled_caught:
             return False
-        for delivery in batch:
-            await ctx.bus.ack(delivery)
+        await ctx.bus.ack_many(batch)  # one multiple ack where the broker allows
         self._handled += len(batch)
         self.hooks.after_batch(ctx.name, batch, time.perf_counter() - started)
         return True

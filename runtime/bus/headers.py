@@ -11,7 +11,7 @@ after a retry still reaches a requester that is still waiting.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -123,6 +123,10 @@ class RepublishingSettlement:
 
     async def ack(self, delivery: Delivery) -> None:
         raise NotImplementedError
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            await self.ack(delivery)
 
     async def retry(
         self, delivery: Delivery, *, rung: int, error: BaseException, actor: str

@@ -242,6 +242,11 @@ class Bus(Protocol):
 
     async def ack(self, delivery: Delivery) -> None: ...
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """``ack`` each of ``deliveries`` (a handled batch): where they are all a queue
+        consumer's oldest unsettled ones, with one multiple ack."""
+        ...
+
     async def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         """Give the delivery back (``requeue``) or drop it to the queue's dead-letter exchange."""
         ...

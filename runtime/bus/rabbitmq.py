@@ -725,6 +725,46 @@ class RabbitMQBus(StreamSettlement, RepublishingSettlement):
             except _LINK_ERRORS as exc:
                 _log_stale(delivery, f"its channel is gone ({type(exc).__name__})")
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """One ``multiple`` ack per consumer when the batch holds all of that consumer's
+        unsettled deliveries up to its last one on the channel (a batch of one worker in
+        delivery order); one ack each otherwise (workers interleave, a reconnection)."""
+        by_consumer: dict[int, list[AbstractIncomingMessage]] = {}
+        for delivery in deliveries:
+            if self.settle_stream(delivery):
+                continue
+            message = self._take(delivery)
+            if message is not None:
+                by_consumer.setdefault(delivery.consumer, []).append(message)
+        for consumer, messages in by_consumer.items():
+            context = self._contexts.get(consumer)
+            last = max(messages, key=lambda m: m.delivery_tag or 0)
+            channel = last.channel
+            contiguous = (
+                len(messages) > 1
+                and context is not None
+                and all(m.channel is channel for m in messages)
+                and not any(
+                    u.channel is channel and (u.delivery_tag or 0) < (last.delivery_tag or 0)
+                    for u in context.unsettled.values()
+                )
+            )
+            try:
+                if contiguous:
+                    await last.ack(multiple=True)
+                else:
+                    for message in messages:
+                        await message.ack()
+            except _LINK_ERRORS as exc:
+                logger.warning(
+                    "cannot settle {count} message(s) of consumer {consumer}: its channel is "
+                    "gone ({error}); unless they were settled before, the broker delivers "
+                    "them again",
+                    count=len(messages),
+                    consumer=consumer,
+                    error=type(exc).__name__,
+                )
+
     async def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         if delivery.consumer < 0:
             return  # a stream has no requeue: left unsettled, it is read again on restart

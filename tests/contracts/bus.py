@@ -194,6 +194,22 @@ class BusContract:
             seen += rest
         assert len({d.message_id for d in seen}) == 7
 
+    async def test_ack_many_settles_a_batch_and_only_it(self, bus: Bus) -> None:
+        """The oldest unsettled ones in order (one multiple ack on RabbitMQ), then a batch
+        with a gap (acked one by one): what was left out comes back, nothing else."""
+        queue = await declared_queue(bus)
+        await publish_ids(bus, queue, *(f"m-{i}" for i in range(6)))
+        async with bus.consume(queue, prefetch=10) as deliveries:
+            got = await receive(deliveries, 6)
+            await bus.ack_many(got[:3])  # m-0..m-2: contiguous
+            await bus.ack_many([got[3], got[5]])  # m-4 is left out
+            await bus.ack_many([])
+        async with bus.consume(queue, prefetch=10) as deliveries:
+            again = await receive(deliveries)
+            await bus.ack_many(again)
+            await assert_nothing_more(deliveries, 0.2)
+        assert [d.message_id for d in again] == ["m-4"]
+
     async def test_nack_with_requeue_delivers_the_message_again_marked_redelivered(
         self, bus: Bus
     ) -> None:
