@@ -295,6 +295,8 @@ class QueueActor:
             dead_letter=self._dead_letter_parked,
             metrics=ctx.metrics,
             stale_after=max(600.0, 2 * ladder),
+            # held copies use up the prefetch that blockers' own copies need to get through
+            max_held_copies=max(1, ctx.spec.prefetch // 4),
         )
 
     async def _dead_letter_parked(self, delivery: Delivery, error: BaseException) -> None:
