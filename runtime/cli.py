@@ -8,6 +8,7 @@ import random
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
@@ -525,9 +526,12 @@ def _actors_of(topology: Topology, queue: str) -> list[str]:
     return [name for name, spec in topology.actors.items() if spec.queue_names[:1] == (queue,)]
 
 
-async def _parked_keys(topology: Topology, queue: str) -> list[ParkedKey] | None:
+async def _parked_keys(
+    topology: Topology, queue: str, *, lift: str | None = None
+) -> list[ParkedKey] | None:
     """The aggregates the actors of ``queue`` hold back (None on the embedded store, whose
-    blocks live in the running process)."""
+    blocks live in the running process); with ``lift``, only those held behind that
+    blocker, and their blocks are lifted."""
     from runtime.store.factory import is_memory_url  # noqa: PLC0415
     from runtime.store.postgres import PostgresEventStore  # noqa: PLC0415
 
@@ -537,7 +541,12 @@ async def _parked_keys(topology: Topology, queue: str) -> list[ParkedKey] | None
     store = await PostgresEventStore.connect(url)
     try:
         actors = _actors_of(topology, queue)
-        return [row for row in await store.parked_keys() if row.actor in actors]
+        rows = [row for row in await store.parked_keys() if row.actor in actors]
+        if lift is not None:
+            rows = [row for row in rows if row.blocker == lift]
+            for row in rows:
+                await store.unpark(row.actor, row.key, lift)
+        return rows
     finally:
         await store.close()
 
@@ -554,7 +563,7 @@ _topology_option = click.option(
 
 @main.group()
 def dlq() -> None:
-    """Dead-letter queues on RabbitMQ: list, replay, purge (QUEUE is the work queue)."""
+    """Dead-letter queues on RabbitMQ: list, replay, skip, purge (QUEUE is the work queue)."""
 
 
 @dlq.command("list")
@@ -652,20 +661,10 @@ def dlq_skip(queue: str, message_id: str, topology_path: str) -> None:
         )
         sys.exit(1)
     dropped = _bus_call(topology_path, queue, lambda bus: bus.purge_dead_letters(queue, message_id))
-
-    async def lift() -> list[ParkedKey]:
-        from runtime.store.postgres import PostgresEventStore  # noqa: PLC0415
-
-        if rows:
-            store = await PostgresEventStore.connect(topology.database_url)
-            try:
-                for row in rows:
-                    await store.unpark(row.actor, row.key, message_id)
-            finally:
-                await store.close()
-        return rows
-
-    lifted: list[ParkedKey] = run_or_exit(lift)
+    # after the purge: a block lifted first would let its parked events overtake it
+    lifted: list[ParkedKey] = (
+        run_or_exit(partial(_parked_keys, topology, queue, lift=message_id)) if rows else []
+    )
     if not dropped and not lifted:
         click.echo(
             f"error: no dead letter with id {message_id!r} in {dead_letter_queue(queue)}, and "

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import cached_property
 
 import anyio
 from loguru import logger
@@ -57,8 +58,9 @@ class Committed:
     marks: dict[int, int]  # worker -> offset
     workers: int
 
-    @property
+    @cached_property
     def until(self) -> int:
+        """The highest mark: past it, nothing is skipped."""
         return max(self.marks.values(), default=-1)
 
     def __call__(self, delivery: Delivery) -> bool:

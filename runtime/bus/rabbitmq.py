@@ -811,18 +811,9 @@ class RabbitMQBus(StreamSettlement, RepublishingSettlement):
             dlq = await self._passive_queue(channel, name)
             await self._passive_queue(channel, queue)
             present = dlq.declaration_result.message_count or 0  # bound: new arrivals wait
-            skipped: list[AbstractIncomingMessage] = []
-            chosen: list[AbstractIncomingMessage] = []
+            chosen, skipped = await _get_dead_letters(dlq, present, message_id)
             moved = 0
             try:
-                for _ in range(present):
-                    message = await dlq.get(no_ack=False, fail=False)
-                    if message is None:
-                        break
-                    if message_id is not None and message.message_id != message_id:
-                        skipped.append(message)
-                    else:
-                        chosen.append(message)
                 chosen.sort(key=lambda m: replay_order(header_dict(m.headers)))
                 for message in chosen:
                     await _publish_replay(channel, queue, message)
@@ -841,20 +832,14 @@ class RabbitMQBus(StreamSettlement, RepublishingSettlement):
                 result = await dlq.purge()
                 return int(result.message_count or 0)
             present = dlq.declaration_result.message_count or 0
-            skipped: list[AbstractIncomingMessage] = []
+            chosen, skipped = await _get_dead_letters(dlq, present, message_id)
             dropped = 0
             try:
-                for _ in range(present):
-                    message = await dlq.get(no_ack=False, fail=False)
-                    if message is None:
-                        break
-                    if message.message_id == message_id:
-                        await message.ack()
-                        dropped += 1
-                    else:
-                        skipped.append(message)
+                for message in chosen:
+                    await message.ack()
+                    dropped += 1
             finally:
-                await _requeue(skipped)
+                await _requeue(skipped + chosen[dropped:])
             await _wait_until_ready(channel, dead_letter_queue(queue), present - dropped)
         return dropped
 
@@ -986,6 +971,26 @@ async def _publish_replay(
         raise UnroutableError("", queue) from None
     except DeliveryError as exc:
         raise PublishNotConfirmedError(f"the broker refused replaying to {queue!r}: {exc}") from exc
+
+
+async def _get_dead_letters(
+    dlq: AbstractQueue, present: int, message_id: str | None
+) -> tuple[list[AbstractIncomingMessage], list[AbstractIncomingMessage]]:
+    """Get up to ``present`` messages of ``dlq`` unacknowledged: those with ``message_id``
+    (all if None), and the others, to requeue. Requeued here if getting them fails."""
+    chosen: list[AbstractIncomingMessage] = []
+    skipped: list[AbstractIncomingMessage] = []
+    try:
+        for _ in range(present):
+            message = await dlq.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            wanted = message_id is None or message.message_id == message_id
+            (chosen if wanted else skipped).append(message)
+    except BaseException:
+        await _requeue(chosen + skipped)
+        raise
+    return chosen, skipped
 
 
 async def _requeue(messages: list[AbstractIncomingMessage]) -> None:
